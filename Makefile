@@ -1,0 +1,35 @@
+# The targets CI runs. Each sets up what is missing first (scripts/setup.sh is quick when nothing is).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+NP ?= 2
+
+.PHONY: setup demo test test-fast lint format bench-allreduce bench-overhead clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	horovodrun -np $(NP) --gloo python -m jobs.demo --run-dir runs/demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not multirank and not slurm" tests
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format .
+
+bench-allreduce: setup
+	$(PY) -m jobs.bench_allreduce
+
+bench-overhead: setup
+	$(PY) -m jobs.bench_overhead
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,197 @@
+"""Classification metrics: a pure `compute_from(probs, labels)` and a rank-aware accumulating metric.
+
+Reported (keys of `EvalResult.metrics`):
+
+* `accuracy`; `balanced_accuracy` (mean recall over classes present in the labels, as scikit-learn);
+* `macro_f1` (mean F1 over classes present in labels or predictions, as scikit-learn's default);
+* `sensitivity_<class>` (recall), `specificity_<class>` (TN / (TN + FP)), `f1_<class>`;
+* `auc_<class>` one-vs-rest ROC AUC from the class probability (ties count half), `auc_macro` their mean;
+* `loss` (mean cross-entropy, from `ClassificationMetric` only) and `count` (images evaluated).
+
+Undefined values (a class absent from a fold) are NaN and left out of the means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from hvdtrain import dist
+from hvdtrain.metrics import Metric
+
+__all__ = [
+    "EvalResult",
+    "confusion_matrix",
+    "roc_auc_ovr",
+    "compute_from",
+    "summarize_folds",
+    "pooled",
+    "ClassificationMetric",
+]
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation, with the predictions they came from (for ROC plots and pooling)."""
+
+    metrics: dict[str, float]
+    confusion: np.ndarray  # (C, C) counts, rows = true class, columns = predicted class
+    probs: np.ndarray  # (N, C)
+    labels: np.ndarray  # (N,)
+    class_names: list[str]
+
+    def to_json(self, with_predictions: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "metrics": self.metrics,
+            "class_names": self.class_names,
+            "confusion_matrix": self.confusion.tolist(),
+        }
+        if with_predictions:
+            out["probs"] = self.probs.tolist()
+            out["labels"] = self.labels.tolist()
+        return out
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) int64 counts; row = true class, column = predicted class."""
+    return np.bincount(
+        np.asarray(labels) * num_classes + np.asarray(preds), minlength=num_classes * num_classes
+    ).reshape(num_classes, num_classes)
+
+
+def roc_auc_ovr(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One-vs-rest ROC AUC per class (Mann-Whitney U with average ranks for ties); NaN without both sides."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    out = np.full(probs.shape[1], np.nan)
+    for c in range(probs.shape[1]):
+        pos = labels == c
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if n_pos and n_neg:
+            ranks = rankdata(probs[:, c])
+            out[c] = (ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return out
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
+
+
+def compute_from(
+    probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, class_names: Sequence[str] | None = None
+) -> EvalResult:
+    """All metrics from class probabilities (N, C) and integer labels (N,); prediction = argmax.
+
+    Pure function: the caller gathers predictions from every rank first (`ClassificationMetric` does).
+    """
+    probs = np.asarray(probs.detach().cpu() if isinstance(probs, torch.Tensor) else probs, dtype=np.float64)
+    labels = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
+    if probs.ndim != 2 or labels.shape != (probs.shape[0],):
+        raise ValueError(f"expected probs (N, C) and labels (N,), got {probs.shape} and {labels.shape}")
+    n, c = probs.shape
+    names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
+    if len(names) != c:
+        raise ValueError(f"{len(names)} class names for {c} probability columns")
+    if n and (labels.min() < 0 or labels.max() >= c):
+        raise ValueError(f"labels must be in [0, {c}), got {labels.min()}..{labels.max()}")
+    preds = probs.argmax(axis=1)
+    cm = confusion_matrix(labels, preds, c)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(axis=1).astype(np.float64), cm.sum(axis=0).astype(np.float64)
+    fp, fn = predicted - tp, support - tp
+    tn = n - tp - fp - fn
+    recall = _safe_div(tp, support)
+    specificity = _safe_div(tn, tn + fp)
+    # F1 = 2TP / (2TP + FP + FN); a class neither present nor predicted has no F1 (scikit-learn skips it).
+    f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
+    auc = roc_auc_ovr(probs, labels)
+    m: dict[str, float] = {
+        "accuracy": float(tp.sum() / n) if n else float("nan"),
+        "balanced_accuracy": float(np.nanmean(recall)) if np.any(support > 0) else float("nan"),
+        "macro_f1": float(np.nanmean(f1)) if np.any(~np.isnan(f1)) else float("nan"),
+        "auc_macro": float(np.nanmean(auc)) if np.any(~np.isnan(auc)) else float("nan"),
+    }
+    for i, name in enumerate(names):
+        m[f"sensitivity_{name}"] = float(recall[i])
+        m[f"specificity_{name}"] = float(specificity[i])
+        m[f"f1_{name}"] = float(f1[i])
+        m[f"auc_{name}"] = float(auc[i])
+    m["count"] = float(n)
+    return EvalResult(m, cm, probs, labels, names)
+
+
+def summarize_folds(results: Sequence[EvalResult | dict[str, float]]) -> dict[str, dict[str, float]]:
+    """`{metric: {"mean", "std", "n"}}` across folds; std is the sample std (ddof=1), NaN folds left out."""
+    dicts = [r.metrics if isinstance(r, EvalResult) else r for r in results]
+    keys = [k for k in dicts[0] if all(k in d for d in dicts)] if dicts else []
+    out = {}
+    for k in keys:
+        v = np.array([d[k] for d in dicts], dtype=np.float64)
+        v = v[~np.isnan(v)]
+        out[k] = {
+            "mean": float(v.mean()) if len(v) else float("nan"),
+            "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+            "n": len(v),
+        }
+    return out
+
+
+def pooled(results: Sequence[EvalResult]) -> EvalResult:
+    """Metrics of all folds' validation predictions together (each image once: out-of-fold predictions)."""
+    return compute_from(
+        np.concatenate([r.probs for r in results]), np.concatenate([r.labels for r in results]), results[0].class_names
+    )
+
+
+class ClassificationMetric(Metric):
+    """Accumulates per-image probabilities, labels and losses; one allreduce in `compute()`.
+
+    Each rank writes its images' rows of an (N, C + 3) table by dataset index (zeros elsewhere), so the summed
+    table holds every image's prediction exactly once: exact AUC and per-class numbers from a single collective,
+    and a check that every image was evaluated once (columns: C probabilities, label, times seen, loss).
+
+    After `compute()`, `self.result` is the full `EvalResult` (confusion matrix, probabilities) on every rank.
+
+    Args:
+        class_names: label order.
+        num_samples: the size of the evaluated dataset (all ranks together).
+    """
+
+    def __init__(self, class_names: Sequence[str], num_samples: int) -> None:
+        self.class_names = list(class_names)
+        self.num_classes, self.num_samples = len(self.class_names), int(num_samples)
+        self.result: EvalResult | None = None
+        super().__init__()
+
+    def reset(self) -> None:
+        self.stats = torch.zeros(self.num_samples, self.num_classes + 3, dtype=torch.float64)
+        self.result = None
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        """Local only. `logits` (B, C), `labels` (B,), `indices` (B,) positions in the evaluated dataset."""
+        logp = torch.log_softmax(logits.detach().to("cpu", torch.float64), dim=1)
+        labels = labels.detach().to("cpu", torch.int64)
+        loss = -logp.gather(1, labels[:, None])
+        block = torch.cat([logp.exp(), labels[:, None].double(), torch.ones_like(loss), loss], dim=1)
+        self.stats.index_add_(0, indices.detach().to("cpu", torch.int64), block)
+
+    def compute(self) -> dict[str, float]:
+        totals = dist.allreduce(self.stats, op="sum", name="metric.ClassificationMetric")
+        return self.finalize_stats(totals)
+
+    def finalize_stats(self, totals: torch.Tensor) -> dict[str, float]:
+        """Summed table -> metrics (split out so tests can sum tables of simulated ranks)."""
+        c = self.num_classes
+        seen = totals[:, c + 1].round().long()
+        if not bool((seen == 1).all()):
+            raise RuntimeError(
+                f"evaluation must count each image once: {int((seen > 1).sum())} image(s) seen "
+                f"more than once, {int((seen == 0).sum())} never, of {self.num_samples}"
+            )
+        self.result = compute_from(totals[:, :c], totals[:, c].round().long(), self.class_names)
+        return {**self.result.metrics, "loss": float(totals[:, c + 2].mean())}

@@ -1,0 +1,21 @@
+"""hvdtrain: the distributed-training core shared by every trainer (Horovod behind one seam)."""
+
+from . import checkpoint, data, dist, metrics, optim, schedule
+from .config import TrainConfig, arg, parse_config, to_dict
+from .loop import evaluate, fit, train_one_epoch
+
+__all__ = [
+    "checkpoint",
+    "data",
+    "dist",
+    "metrics",
+    "optim",
+    "schedule",
+    "TrainConfig",
+    "arg",
+    "parse_config",
+    "to_dict",
+    "evaluate",
+    "fit",
+    "train_one_epoch",
+]

@@ -1,0 +1,383 @@
+"""One training loop made of functions: `train_one_epoch`, `evaluate`, `fit`.
+
+Variation comes from what is passed in: a `step_fn(model, batch, device) -> (loss, n)` returning the local mean
+loss of a micro-batch, an `eval_fn(model, batch, device, metric)` that updates a metric, and a `make_metric()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint, dist, optim
+from .config import TrainConfig, to_dict
+from .data import set_epoch
+from .metrics import Metric
+from .optimizers import build_optimizer
+from .runlog import RunLog
+from .schedule import LRSchedule, scale_lr
+
+__all__ = ["TrainState", "Preemption", "train_one_epoch", "evaluate", "fit", "device_for", "autocast_dtype"]
+
+StepFn = Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, int]]
+EvalFn = Callable[[nn.Module, Any, torch.device, Metric], None]
+
+
+class Preemption:
+    """Turns SIGUSR1/SIGTERM (Slurm's warning signal, a scheduler's kill) into a flag the ranks agree on."""
+
+    def __init__(self, at_step: int = 0):
+        self.at_step, self.flag = at_step, False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self.flag = True
+
+    def requested(self, step: int) -> bool:
+        """True on every rank when any rank was signalled: one scalar allreduce per optimizer step."""
+        local = self.flag or (self.at_step > 0 and step >= self.at_step)
+        return dist.allreduce(float(local), op="sum", name="preempt") > 0 if dist.uses_horovod() else local
+
+    @staticmethod
+    def restore() -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+@dataclass
+class TrainState:
+    """What the loop carries between epochs (and what a checkpoint restores)."""
+
+    epoch: int = 0  # the epoch in progress (or next to run)
+    step: int = 0  # optimizer steps taken
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already trained (non-zero only after a preemption)
+    best_metric: float | None = None
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)
+
+
+def device_for() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs that have it, fp16 on request, fp32 on the CPU (CPU autocast is slower than fp32 here)."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    step_fn: StepFn,
+    optimizer,
+    schedule: LRSchedule,
+    state: TrainState,
+    cfg: TrainConfig,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None,
+    preemption: Preemption | None = None,
+) -> dict[str, float]:
+    """Train until the loader is exhausted or a preemption is requested; returns local sums and timings."""
+    model.train()
+    micro = cfg.accum * cfg.simulate_gpus
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on device: no sync per step
+    samples, comm_s, lr = 0, 0.0, schedule.lr_at(state.step)
+    bar = tqdm(
+        total=len(loader),
+        disable=not (dist.is_main() and cfg.progress),
+        desc=f"epoch {state.epoch}",
+        leave=False,
+        dynamic_ncols=True,
+    )
+    preempted = False
+    for batch in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, n = step_fn(model, batch, device)
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {state.epoch}, step {state.step}")
+        # Each micro-batch's loss is its local mean: divide so the accumulated gradient is the step's mean.
+        (scaler.scale(loss / micro) if scaler else loss / micro).backward()
+        loss_sum += loss.detach().double() * n
+        samples += n
+        state.batch_in_epoch += 1
+        bar.update(1)
+        if state.batch_in_epoch % micro:
+            continue
+        lr = schedule.apply(optimizer, state.step)
+        t0 = time.perf_counter()
+        optim.synchronize(optimizer)  # hvd: wait for the allreduce so clipping/unscaling see averaged gradients
+        comm_s += time.perf_counter() - t0
+        if scaler:
+            scaler.unscale_(optimizer)
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        with optim.skip_synchronize(optimizer):  # hvd: gradients are already reduced
+            scaler.step(optimizer) if scaler else optimizer.step()
+        if scaler:
+            scaler.update()
+        optimizer.zero_grad()  # no set_to_none argument: Horovod's wrapper rejects it (horovod#3405)
+        state.step += 1
+        if preemption is not None and preemption.requested(state.step):
+            preempted = True
+            break
+    bar.close()
+    return {"loss_sum": loss_sum.item(), "samples": samples, "comm_s": comm_s, "lr": lr, "preempted": preempted}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader, eval_fn: EvalFn, metric: Metric, device: torch.device, amp: str = "auto"
+) -> dict[str, float]:
+    """Update `metric` on this rank's share of the data, then reduce once; every rank gets the same numbers."""
+    model.eval()
+    metric.reset()
+    amp_dtype = autocast_dtype(amp, device)
+    for batch in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            eval_fn(model, batch, device, metric)
+    return metric.compute()
+
+
+def _checkpoint_state(
+    model: nn.Module, optimizer, schedule: LRSchedule, scaler, state: TrainState, config: dict[str, Any]
+) -> dict[str, Any]:
+    # Every rank's RNG (dropout masks differ per rank) so a resumed run continues each rank's stream.
+    rngs = dist.allgather_object(checkpoint.rng_state())
+    return {
+        "model": checkpoint.unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict() if scaler else {},
+        "epoch": state.epoch,
+        "step": state.step,
+        "batch_in_epoch": state.batch_in_epoch,
+        "best_metric": state.best_metric,
+        "best_epoch": state.best_epoch,
+        "rng": rngs,
+        "config": config,
+    }
+
+
+def _restore(
+    ckpt: dict[str, Any], model: nn.Module, optimizer, schedule: LRSchedule, scaler, state: TrainState
+) -> None:
+    checkpoint.unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    if scaler and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    state.epoch, state.step, state.batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
+    state.best_metric, state.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
+    rngs = ckpt["rng"]
+    if len(rngs) == dist.info().size:
+        checkpoint.set_rng_state(rngs[dist.info().rank])
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    if value is None or math.isnan(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def _trim_metrics(run_dir: Path, before_epoch: int) -> None:
+    """Drop metrics.jsonl lines of epochs that the resumed run will train again (rank 0)."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < before_epoch]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    step_fn: StepFn,
+    eval_fn: EvalFn,
+    make_metric: Callable[[], Metric],
+    cfg: TrainConfig,
+    config: dict[str, Any] | None = None,
+    monitor: str = "dice",
+    mode: str = "max",
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Train `model` for `cfg.epochs`, validating, checkpointing and logging into `cfg.run_dir`.
+
+    Args:
+        config: the job's whole config as a dict (defaults to `cfg`'s); saved in config.json and checkpoints.
+        monitor, mode: the validation value that picks the best checkpoint (and drives the plateau schedule).
+        on_epoch_end: called on every rank with each validation record (e.g. to report to Optuna).
+
+    Returns:
+        The summary also written to summary.json; `"preempted": True` when the run stopped for a requeue.
+    """
+    d, device = dist.info(), device_for()
+    run_dir = Path(cfg.run_dir)
+    config = dict(config or to_dict(cfg))
+    micro = cfg.accum * cfg.simulate_gpus
+    gpus = d.size * cfg.simulate_gpus
+    global_batch = cfg.batch_size_per_gpu * gpus * cfg.accum
+    # hvd: LR scaled in GPUs x accumulation; Adasum combines gradients without averaging, so no scaling.
+    peak_lr = cfg.lr if cfg.adasum else scale_lr(cfg.lr, cfg.lr_rule, gpus * cfg.accum)
+    steps_per_epoch = len(train_loader) // micro
+    if steps_per_epoch == 0:
+        raise ValueError(f"an epoch has {len(train_loader)} micro-batches per rank, fewer than the {micro} of one step")
+    model.to(device)
+    base_optimizer = build_optimizer(model, cfg.optimizer, peak_lr, cfg.weight_decay, cfg.momentum)
+    schedule = LRSchedule(
+        cfg.schedule,
+        cfg.lr,
+        peak_lr,
+        steps_per_epoch * cfg.epochs,
+        round(cfg.warmup_epochs * steps_per_epoch),
+        cfg.min_lr_ratio,
+        cfg.step_epochs * steps_per_epoch,
+        cfg.step_gamma,
+        cfg.plateau_patience,
+        cfg.poly_power,
+        mode,
+    )
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype(cfg.amp, device) == torch.float16 else None
+    state = TrainState()
+    if not cfg.resume and dist.is_main() and checkpoint.find_latest(run_dir) is not None:
+        # Never overwrite a run's checkpoints by accident.
+        raise FileExistsError(
+            f"run folder {run_dir} already holds checkpoints: pass --resume to continue it, or choose another --run-dir"
+        )
+    if cfg.resume:
+        path = checkpoint.find_latest(run_dir) if dist.is_main() else None
+        ckpt = checkpoint.load_on_all_ranks(path)  # hvd: the resume state reaches every rank from rank 0
+        if ckpt is not None:
+            _restore(ckpt, model, base_optimizer, schedule, scaler, state)
+            dist.print0(f"resumed from {path} at epoch {state.epoch}, step {state.step}")
+    optimizer = optim.distribute(base_optimizer, model, micro, cfg.fp16_allreduce, cfg.adasum)
+    if not (cfg.resume and state.step):
+        optim.broadcast_parameters(model)  # hvd: identical starting weights everywhere
+    config.update(world_size=d.size, gpus=gpus, global_batch=global_batch, peak_lr=peak_lr)
+    log = RunLog(run_dir)
+    log.write_json("config.json", config)
+    if dist.is_main():
+        _trim_metrics(run_dir, state.epoch)
+        (run_dir / "REQUEUE").unlink(missing_ok=True)
+    dist.print0(
+        f"{d.size} rank(s) x {cfg.simulate_gpus} simulated = {gpus} GPU(s); batch {cfg.batch_size_per_gpu}"
+        f"/GPU x accum {cfg.accum} = global batch {global_batch}; lr {cfg.lr} -> {peak_lr:.4g} "
+        f"({cfg.lr_rule}), {steps_per_epoch} steps/epoch"
+    )
+    preemption = Preemption(cfg.preempt_at_step)
+    ckpt_dir = run_dir / "checkpoints"
+    start = time.time()
+    epoch_times: list[float] = []
+    comm_total = 0.0
+    last_val: dict[str, float] = {}
+    try:
+        while state.epoch < cfg.epochs:
+            t0 = time.perf_counter()
+            set_epoch(train_loader, state.epoch, skip_batches=state.batch_in_epoch)
+            tr = train_one_epoch(
+                model, train_loader, step_fn, optimizer, schedule, state, cfg, device, scaler, preemption
+            )
+            if tr["preempted"]:
+                ckpt = _checkpoint_state(model, optimizer, schedule, scaler, state, config)
+                if dist.is_main():
+                    checkpoint.save(ckpt_dir / "last.pt", ckpt)
+                    (run_dir / "REQUEUE").write_text(f"preempted at epoch {state.epoch}, step {state.step}\n")
+                dist.print0(f"preempted: checkpoint at epoch {state.epoch} step {state.step}; REQUEUE written")
+                return {"preempted": True, "epoch": state.epoch, "step": state.step}
+            train_time = time.perf_counter() - t0
+            totals = dist.allreduce(torch.tensor([tr["loss_sum"], tr["samples"], tr["comm_s"]], dtype=torch.float64))
+            epoch = state.epoch
+            common = {
+                "epoch": epoch,
+                "elapsed_s": time.time() - start,
+                "lr": tr["lr"],
+                "global_batch": global_batch,
+                "world_size": d.size,
+                "gpus": gpus,
+            }
+            samples = int(totals[1])
+            comm_s = float(totals[2]) / d.size
+            log.log(
+                {
+                    **common,
+                    "split": "train",
+                    "time_s": train_time,
+                    "samples": samples,
+                    "samples_per_s": samples / train_time,
+                    "loss": float(totals[0]) / max(samples, 1),
+                    "comm_s": comm_s,
+                    "compute_s": train_time - comm_s,
+                }
+            )
+            epoch_times.append(train_time)
+            comm_total += comm_s
+            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            value = None
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                t1 = time.perf_counter()
+                last_val = evaluate(model, val_loader, eval_fn, make_metric(), device, cfg.amp)
+                val_time = time.perf_counter() - t1
+                value = last_val.get(monitor)
+                record = {**common, "split": "val", "time_s": val_time, **last_val}
+                log.log(record)
+                if on_epoch_end is not None:
+                    on_epoch_end(record)
+                dist.print0(
+                    f"epoch {epoch}: train loss {float(totals[0]) / max(samples, 1):.4f}, "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items() if isinstance(v, float))
+                )
+            schedule.epoch_end(value)
+            improved = _is_better(value, state.best_metric, mode)
+            if improved:
+                state.best_metric, state.best_epoch = value, epoch
+            ckpt = _checkpoint_state(model, optimizer, schedule, scaler, state, config)
+            if dist.is_main():
+                checkpoint.save(ckpt_dir / "last.pt", ckpt)
+                if improved:  # a copy on disk, not a reference to the live model
+                    checkpoint.save(ckpt_dir / "best.pt", ckpt)
+    finally:
+        Preemption.restore()
+        log.close()
+    total = time.time() - start
+    summary = {
+        "world_size": d.size,
+        "simulate_gpus": cfg.simulate_gpus,
+        "gpus": gpus,
+        "batch_size_per_gpu": cfg.batch_size_per_gpu,
+        "accum": cfg.accum,
+        "global_batch": global_batch,
+        "lr": peak_lr,
+        "lr_rule": cfg.lr_rule,
+        "epochs": cfg.epochs,
+        "total_time_s": total,
+        "epoch_time_s": sum(epoch_times) / len(epoch_times) if epoch_times else None,
+        "samples_per_s": (steps_per_epoch * global_batch) / (sum(epoch_times) / len(epoch_times))
+        if epoch_times
+        else None,
+        "comm_fraction": comm_total / sum(epoch_times) if epoch_times else None,
+        "monitor": monitor,
+        "best_metric": state.best_metric,
+        "best_epoch": state.best_epoch,
+        "final_metric": last_val.get(monitor),
+        "final": last_val,
+        "preempted": False,
+    }
+    log.write_json("summary.json", summary)
+    return summary

@@ -1,0 +1,62 @@
+"""The Horovod optimizer recipe, written once (each distributed line is marked `# hvd:`)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from . import dist
+
+__all__ = ["distribute", "broadcast_parameters", "synchronize", "skip_synchronize"]
+
+
+def distribute(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    backward_passes_per_step: int = 1,
+    fp16_allreduce: bool = False,
+    adasum: bool = False,
+):
+    """Wrap `optimizer` so that gradients are averaged (or Adasum-combined) across ranks.
+
+    With accumulation, Horovod counts `backward_passes_per_step` backward passes locally and starts the
+    allreduce on the last one; the loop calls `step()` once per that many micro-batches. With one rank the
+    optimizer is returned as it is.
+    """
+    if not dist.uses_horovod():
+        return optimizer
+    import horovod.torch as hvd  # hvd: imported only here and in dist.py
+
+    return hvd.DistributedOptimizer(  # hvd:
+        optimizer,
+        named_parameters=model.named_parameters(),
+        compression=hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none,
+        backward_passes_per_step=backward_passes_per_step,
+        op=hvd.Adasum if adasum else hvd.Average,
+    )
+
+
+def broadcast_parameters(model: nn.Module) -> None:
+    """Rank 0's weights on every rank before the first step.
+
+    The optimizer state is not broadcast for a fresh start: it is empty and identical everywhere, and
+    `hvd.broadcast_optimizer_state` would run a zero-gradient step that moves AdamW weights (horovod#2805).
+    Resumed state reaches every rank through the checkpoint (see `checkpoint.load_on_all_ranks`).
+    """
+    if dist.uses_horovod():
+        import horovod.torch as hvd
+
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # hvd:
+
+
+def synchronize(optimizer: torch.optim.Optimizer) -> None:
+    """Wait for the gradient allreduce, so gradients can be unscaled or clipped before the step."""
+    if hasattr(optimizer, "synchronize"):
+        optimizer.synchronize()  # hvd:
+
+
+def skip_synchronize(optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager:
+    """Context for `step()` after an explicit `synchronize()` (Horovod would otherwise reduce twice)."""
+    return optimizer.skip_synchronize() if hasattr(optimizer, "skip_synchronize") else contextlib.nullcontext()

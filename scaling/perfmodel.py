@@ -1,0 +1,583 @@
+"""A performance model for Horovod data parallelism: time per epoch, speedup and efficiency at 1..64 GPUs.
+
+One optimizer step on p GPUs costs the measured compute (forward + backward at the per-GPU batch) plus the part
+of the gradient allreduce that is not hidden behind the backward pass::
+
+    ring (one node, p GPUs):   T = 2(p-1)/p * n / B_intra + 2(p-1) * a_intra
+    flat ring across nodes:    T = 2(p-1)/p * n / min(B_intra, B_node) + 2(p-1) * a_inter
+    hierarchical (g GPUs per node, m nodes; Horovod HOROVOD_HIERARCHICAL_ALLREDUCE):
+        T = 2 * [(g-1)/g * n / B_intra + (g-1) * a_intra]      intra-node reduce-scatter + allgather
+            + 2(m-1)/m * n / B_node + 2(m-1) * a_inter           inter-node allreduce of the g shards in parallel
+
+with n the gradient bytes of one fusion buffer (Horovod tensor fusion packs the gradients into buffers of at most
+`fusion_mb`, so the latency term is paid once per buffer), B_node = nic bandwidth x min(NICs, GPUs per node).
+Only `1 - overlap` of the allreduce adds to the step, and never less than what sticks out past the backward pass;
+the last gradients wait on average half a Horovod cycle before they are seen. Efficiency is
+`throughput_p / (p * throughput_1)` (the definition in the reference notes, horovod.md section 2), which here equals
+`step_1 / step_p`. Data loading, evaluation and stragglers are outside the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_GPUS",
+    "PROFILES",
+    "Calibration",
+    "MachineProfile",
+    "Measurement",
+    "allreduce_time",
+    "assumption_lines",
+    "calibrate",
+    "compute_on",
+    "format_prediction",
+    "get_profile",
+    "grad_bytes_of",
+    "hierarchical_allreduce_time",
+    "load_profile",
+    "predict_point",
+    "predict_table",
+    "profile_dict",
+    "ring_allreduce_time",
+]
+
+DEFAULT_GPUS = (1, 2, 4, 8, 16, 32, 64)
+GB = 1e9  # bandwidths are in GB/s of 1e9 bytes, as NCCL's busbw is reported
+MB = 1024 * 1024  # Horovod's fusion threshold is in MiB
+
+
+@dataclass(frozen=True)
+class MachineProfile:
+    """A cluster, as the performance model sees it. Bandwidths are effective (achieved), not line rates."""
+
+    name: str
+    gpu: str  # accelerator, for the printout
+    relative_throughput: float  # training compute speed relative to one P100 (P100 = 1.0)
+    gpus_per_node: int  # GPUs (ranks) per node
+    intra_bw_gbs: float  # effective allreduce bus bandwidth inside a node, GB/s
+    intra_latency_us: float  # latency of one ring step inside a node, microseconds
+    nic_bw_gbs: float  # effective bandwidth of one network adapter, GB/s
+    nics_per_node: int  # network adapters per node
+    inter_latency_us: float  # latency of one ring step between nodes, microseconds
+    hierarchical: bool = False  # HOROVOD_HIERARCHICAL_ALLREDUCE when the GPUs span nodes
+    fusion_mb: float = 128.0  # HOROVOD_FUSION_THRESHOLD in MiB (0 disables tensor fusion)
+    cycle_ms: float = 1.0  # HOROVOD_CYCLE_TIME in ms
+    overlap: float = 0.5  # fraction of the allreduce hidden behind the backward pass (0..1)
+    backward_fraction: float = 2.0 / 3.0  # share of the compute that is backward: the most comm can hide behind
+    notes: str = ""  # where the numbers come from
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("relative_throughput", "intra_bw_gbs", "nic_bw_gbs"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("gpus_per_node", "nics_per_node"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("intra_latency_us", "inter_latency_us", "fusion_mb", "cycle_ms"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("overlap", "backward_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if problems:
+            raise ValueError(f"machine profile {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def node_bw_gbs(self) -> float:
+        """Network bandwidth out of one node (all its NICs)."""
+        return self.nic_bw_gbs * min(self.nics_per_node, self.gpus_per_node)
+
+
+# The numbers are assumptions stated in `notes`; pass a YAML/JSON profile or CLI flags to use your own.
+PROFILES: dict[str, MachineProfile] = {
+    "study_p100_edr": MachineProfile(
+        name="study_p100_edr",
+        gpu="NVIDIA P100 (16 GB)",
+        relative_throughput=1.0,
+        gpus_per_node=4,
+        intra_bw_gbs=10.0,
+        intra_latency_us=5.0,
+        nic_bw_gbs=10.0,
+        nics_per_node=1,
+        inter_latency_us=10.0,
+        hierarchical=False,
+        fusion_mb=64.0,
+        cycle_ms=5.0,
+        overlap=0.5,
+        notes="the source study's cluster: 4 P100 per node on PCIe gen3 (~10 GB/s effective of 15.8), one 100 Gb/s "
+        "EDR InfiniBand adapter per node (12.5 GB/s line rate, ~10 GB/s achieved), flat NCCL ring (Horovod's "
+        "default), Horovod <= 0.19 defaults of the time (64 MiB fusion buffer, 5 ms cycle), half the allreduce "
+        "hidden behind backward",
+    ),
+    "modern_h100_ndr": MachineProfile(
+        name="modern_h100_ndr",
+        gpu="NVIDIA H100 SXM (80 GB)",
+        relative_throughput=10.0,
+        gpus_per_node=8,
+        intra_bw_gbs=360.0,
+        intra_latency_us=3.0,
+        nic_bw_gbs=45.0,
+        nics_per_node=8,
+        inter_latency_us=5.0,
+        hierarchical=True,
+        fusion_mb=128.0,
+        cycle_ms=1.0,
+        overlap=0.7,
+        notes="a DGX-H100-like node: 8 H100 SXM on NVLink 4 (~360 GB/s NCCL allreduce busbw), 400 Gb/s NDR "
+        "InfiniBand PER GPU (8 adapters per node, ~45 GB/s achieved each, 360 GB/s per node), hierarchical "
+        "allreduce, Horovod 0.28 defaults (128 MiB fusion buffer, 1 ms cycle), 70% of the allreduce hidden; "
+        "compute ~10x a P100 for a 3D U-Net with bf16 autocast (a rough guess: pass a step time measured on "
+        "an H100 instead)",
+    ),
+    "cpu_this_machine": MachineProfile(
+        name="cpu_this_machine",
+        gpu="CPU ranks on this host (2 shared cores, Gloo)",
+        relative_throughput=0.01,
+        gpus_per_node=64,
+        intra_bw_gbs=2.0,
+        intra_latency_us=50.0,
+        nic_bw_gbs=2.0,
+        nics_per_node=1,
+        inter_latency_us=50.0,
+        hierarchical=False,
+        fusion_mb=128.0,
+        cycle_ms=1.0,
+        overlap=0.0,
+        notes="every rank on this one host over Gloo shared memory/loopback; latency and bandwidth are priors to be "
+        "replaced by `calibrate` from measured runs; overlap 0 because the loop times the exposed wait in "
+        "synchronize(), so the fitted numbers are effective ones; compute ~1/100 of a P100 (a guess: 2 shared "
+        "cores at ~0.1 TFLOP/s against ~10)",
+    ),
+}
+
+
+def get_profile(profile: str | MachineProfile | Path) -> MachineProfile:
+    """A profile by name, from a YAML/JSON file, or the profile itself.
+
+    Raises:
+        KeyError: an unknown name that is not a file either.
+    """
+    if isinstance(profile, MachineProfile):
+        return profile
+    if str(profile) in PROFILES:
+        return PROFILES[str(profile)]
+    path = Path(profile)
+    if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
+        return load_profile(path)
+    raise KeyError(f"unknown machine profile {str(profile)!r}: use one of {sorted(PROFILES)} or a .yaml/.json file")
+
+
+def load_profile(path: str | Path) -> MachineProfile:
+    """Read a custom profile from YAML or JSON; `base: NAME` starts from a named profile and overrides its fields.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unreadable content, unknown keys or missing fields (the message names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"machine profile file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml and json raise different types; the caller needs only the file and reason
+        raise ValueError(f"machine profile file {path}: cannot parse ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"machine profile file {path}: expected a mapping of fields, got {type(data).__name__}")
+    data = dict(data)
+    base = data.pop("base", None)
+    known = {f.name for f in fields(MachineProfile)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"machine profile file {path}: unknown keys {unknown}; known keys are {sorted(known)}")
+    data.setdefault("name", path.stem)
+    try:
+        if base is not None:
+            if base not in PROFILES:
+                raise ValueError(f"base {base!r} is not one of {sorted(PROFILES)}")
+            changed = sorted(set(data) - {"name", "notes"})
+            # The base's notes describe its own numbers: say which ones this file changed.
+            data.setdefault("notes", f"{base} with {changed} from {path}; {base}: {PROFILES[base].notes}")
+            return replace(PROFILES[base], **data)
+        return MachineProfile(**data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"machine profile file {path}: {e}") from e
+
+
+def ring_allreduce_time(nbytes: float, p: int, bw_gbs: float, latency_us: float) -> float:
+    """Seconds for one ring allreduce of `nbytes` over `p` ranks: 2(p-1)/p * n / B + 2(p-1) * latency."""
+    if p < 1:
+        raise ValueError(f"the number of ranks must be >= 1, got {p}")
+    if p == 1:
+        return 0.0
+    return 2.0 * (p - 1) / p * nbytes / (bw_gbs * GB) + 2.0 * (p - 1) * latency_us * 1e-6
+
+
+def hierarchical_allreduce_time(nbytes: float, p: int, profile: MachineProfile) -> float:
+    """Seconds for a hierarchical allreduce: reduce-scatter in the node, allreduce across nodes, allgather.
+
+    Each of the g shards (n/g bytes) crosses the network in its own ring and the g rings share the node's NICs,
+    so the inter-node term is 2(m-1)/m * n / B_node.
+    """
+    g = min(p, profile.gpus_per_node)
+    m = math.ceil(p / g)
+    intra = (g - 1) / g * nbytes / (profile.intra_bw_gbs * GB) + (g - 1) * profile.intra_latency_us * 1e-6
+    return 2.0 * intra + ring_allreduce_time(nbytes, m, profile.node_bw_gbs, profile.inter_latency_us)
+
+
+def _one_allreduce(nbytes: float, p: int, profile: MachineProfile) -> tuple[float, str]:
+    if p == 1:
+        return 0.0, "none"
+    if p <= profile.gpus_per_node:
+        return ring_allreduce_time(nbytes, p, profile.intra_bw_gbs, profile.intra_latency_us), "ring in node"
+    if profile.hierarchical:
+        return hierarchical_allreduce_time(nbytes, p, profile), "hierarchical"
+    # A flat ring crosses every node boundary: its slowest link and the network latency set the pace.
+    bw = min(profile.intra_bw_gbs, profile.node_bw_gbs)
+    return ring_allreduce_time(nbytes, p, bw, profile.inter_latency_us), "flat ring"
+
+
+def _buffers(grad_bytes: float, fusion_mb: float, n_tensors: int | None) -> list[float]:
+    if grad_bytes <= 0:
+        return []
+    if fusion_mb <= 0:  # fusion off: one allreduce per gradient tensor
+        if not n_tensors:
+            raise ValueError("tensor fusion is disabled (fusion_mb=0): pass n_tensors, the number of gradient tensors")
+        return [grad_bytes / n_tensors] * n_tensors
+    cap = fusion_mb * MB
+    full = int(grad_bytes // cap)
+    rest = grad_bytes - full * cap
+    return [cap] * full + ([rest] if rest > 0 else [])
+
+
+def allreduce_time(
+    grad_bytes: float, p: int, profile: MachineProfile, n_tensors: int | None = None
+) -> tuple[float, str, int]:
+    """Seconds to allreduce all gradients of one step with tensor fusion: (seconds, algorithm, allreduce calls)."""
+    profile = get_profile(profile)
+    bufs = _buffers(grad_bytes, profile.fusion_mb, n_tensors)
+    total, algo = 0.0, "none"
+    for b in bufs:
+        t, algo = _one_allreduce(b, p, profile)
+        total += t
+    return total, algo, len(bufs)
+
+
+def compute_on(profile: MachineProfile, step_s: float, measured_on: str | MachineProfile | None = None) -> float:
+    """Compute seconds per step on `profile`'s GPU.
+
+    With `measured_on` None the step time is taken as measured on the target; otherwise it is scaled by the
+    ratio of relative throughputs (a first-order guess that ignores memory-bound layers and AMP differences).
+    """
+    if step_s <= 0:
+        raise ValueError(f"compute time per step must be > 0, got {step_s}")
+    if measured_on is None:
+        return step_s
+    src = get_profile(measured_on)
+    return step_s * src.relative_throughput / profile.relative_throughput
+
+
+def predict_point(
+    profile: str | MachineProfile,
+    compute_step_s: float,
+    grad_bytes: float,
+    samples_per_epoch: float,
+    batch_per_gpu: int,
+    p: int,
+    accum: int = 1,
+    n_tensors: int | None = None,
+) -> dict[str, Any]:
+    """The model at `p` GPUs; `compute_step_s` is forward + backward of one optimizer step on the target GPU.
+
+    Args:
+        profile: a profile name, file or object.
+        compute_step_s: compute seconds of one optimizer step (all `accum` micro-batches) on one GPU.
+        grad_bytes: bytes allreduced per step (parameters x element size; half with fp16 compression).
+        samples_per_epoch: training samples in one epoch.
+        batch_per_gpu: samples per GPU per micro-batch.
+        p: GPUs.
+        accum: micro-batches per optimizer step (only the last one's backward can hide the allreduce).
+        n_tensors: gradient tensors, needed only when tensor fusion is off.
+
+    Returns:
+        gpus, nodes, algorithm, allreduce_calls, global_batch, steps_per_epoch (fractional: the model ignores the
+        dropped last batch), compute_s, allreduce_s, exposed_comm_s, step_s, epoch_s, samples_per_s.
+    """
+    prof = get_profile(profile)
+    if p < 1 or batch_per_gpu < 1 or accum < 1:
+        raise ValueError(f"gpus, batch_per_gpu and accum must be >= 1, got {p}, {batch_per_gpu}, {accum}")
+    if samples_per_epoch <= 0 or grad_bytes < 0 or compute_step_s <= 0:
+        raise ValueError(
+            f"need samples_per_epoch > 0, grad_bytes >= 0, compute_step_s > 0; got {samples_per_epoch}, "
+            f"{grad_bytes}, {compute_step_s}"
+        )
+    comm, algo, calls = allreduce_time(grad_bytes, p, prof, n_tensors)
+    # Backward hooks start each fusion buffer's allreduce while earlier layers still compute their gradients.
+    hideable = prof.backward_fraction * compute_step_s / accum
+    hidden = min(prof.overlap * comm, hideable)
+    tail = prof.cycle_ms * 1e-3 / 2 if p > 1 and calls else 0.0  # the last gradients wait ~half a cycle
+    exposed = comm - hidden + tail
+    step = compute_step_s + exposed
+    global_batch = batch_per_gpu * accum * p
+    steps = samples_per_epoch / global_batch
+    return {
+        "gpus": p,
+        "nodes": math.ceil(p / prof.gpus_per_node),
+        "algorithm": algo,
+        "allreduce_calls": calls,
+        "global_batch": global_batch,
+        "steps_per_epoch": steps,
+        "compute_s": compute_step_s,
+        "allreduce_s": comm,
+        "exposed_comm_s": exposed,
+        "step_s": step,
+        "epoch_s": steps * step,
+        "samples_per_s": global_batch / step,
+    }
+
+
+def predict_table(
+    profile: str | MachineProfile,
+    compute_step_s: float,
+    grad_bytes: float,
+    samples_per_epoch: float,
+    batch_per_gpu: int,
+    gpus: Sequence[int] = DEFAULT_GPUS,
+    accum: int = 1,
+    measured_on: str | MachineProfile | None = None,
+    n_tensors: int | None = None,
+) -> list[dict[str, Any]]:
+    """Predicted time per epoch, speedup and efficiency at each GPU count (speedup against 1 GPU, always computed).
+
+    `compute_step_s` is on the target GPU, or on `measured_on`'s and scaled by relative throughput. Each row is
+    `predict_point`'s plus profile, speedup (`epoch_1 / epoch_p`) and efficiency (`speedup / p`).
+    """
+    prof = get_profile(profile)
+    compute = compute_on(prof, compute_step_s, measured_on)
+    base = predict_point(prof, compute, grad_bytes, samples_per_epoch, batch_per_gpu, 1, accum, n_tensors)
+    rows = []
+    for p in gpus:
+        row = predict_point(prof, compute, grad_bytes, samples_per_epoch, batch_per_gpu, int(p), accum, n_tensors)
+        speedup = base["epoch_s"] / row["epoch_s"]
+        rows.append({"profile": prof.name, **row, "speedup": speedup, "efficiency": speedup / row["gpus"]})
+    return rows
+
+
+def grad_bytes_of(parameters: Iterable[Any]) -> int:
+    """Bytes of the gradients of `parameters` (torch tensors) that require grad: what Horovod allreduces."""
+    return int(sum(t.numel() * t.element_size() for t in parameters if getattr(t, "requires_grad", True)))
+
+
+def assumption_lines(
+    profile: MachineProfile,
+    compute_step_s: float | None = None,
+    grad_bytes: float | None = None,
+    samples_per_epoch: float | None = None,
+    batch_per_gpu: int | None = None,
+    accum: int = 1,
+    measured_on: str | MachineProfile | None = None,
+) -> list[str]:
+    """Every number the prediction rests on, one per line, for printing beside the table."""
+    p = profile
+    lines = [
+        f"profile {p.name}: {p.gpu}, {p.gpus_per_node} GPUs per node",
+        f"  intra-node: {p.intra_bw_gbs:g} GB/s effective allreduce bandwidth, {p.intra_latency_us:g} us per ring step",
+        f"  network: {p.nics_per_node} x {p.nic_bw_gbs:g} GB/s adapters per node ({p.node_bw_gbs:g} GB/s per node),"
+        f" {p.inter_latency_us:g} us per ring step; "
+        + ("hierarchical allreduce across nodes" if p.hierarchical else "flat ring across nodes"),
+        f"  Horovod: fusion buffer {p.fusion_mb:g} MiB, cycle {p.cycle_ms:g} ms; {p.overlap:.0%} of the allreduce "
+        f"hidden behind backward (backward = {p.backward_fraction:.0%} of compute)",
+        f"  compute speed {p.relative_throughput:g} x a P100",
+    ]
+    if p.notes:
+        lines.append(f"  why: {p.notes}")
+    if compute_step_s is not None:
+        if measured_on is None:
+            lines.append(f"compute per step: {compute_step_s:.4g} s, taken as measured on the target GPU")
+        else:
+            src = get_profile(measured_on)
+            lines.append(
+                f"compute per step: {compute_step_s:.4g} s measured on {src.name} ({src.relative_throughput:g} x P100)"
+                f" -> {compute_on(p, compute_step_s, src):.4g} s on {p.name} (scaled by relative throughput)"
+            )
+            if src.name != p.name:
+                lines.append(
+                    "  WARNING: the relative throughputs are rough guesses; for a trustworthy number pass a step time"
+                    " measured on the target GPU (--step-time)"
+                )
+    if grad_bytes is not None:
+        lines.append(f"gradient: {grad_bytes / MB:.2f} MiB allreduced per step")
+    if samples_per_epoch is not None and batch_per_gpu is not None:
+        lines.append(
+            f"epoch: {samples_per_epoch:g} samples, {batch_per_gpu} per GPU per micro-batch x accum {accum}; "
+            "weak scaling (global batch grows with the GPUs, so steps per epoch shrink)"
+        )
+    lines.append("not modelled: data loading, evaluation, stragglers, network contention from other jobs")
+    return lines
+
+
+def format_prediction(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of `predict_table` rows."""
+    head = (
+        "| GPUs | nodes | allreduce | global batch | step s | exposed comm s | epoch s | speedup | efficiency |\n"
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+    )
+    body = [
+        f"| {r['gpus']} | {r['nodes']} | {r['algorithm']} | {r['global_batch']} | {r['step_s']:.4g} | "
+        f"{r['exposed_comm_s']:.3g} | {r['epoch_s']:.4g} | {r['speedup']:.2f} | {r['efficiency']:.1%} |"
+        for r in rows
+    ]
+    return "\n".join([head, *body])
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured real run, as calibration needs it (per-epoch means)."""
+
+    world_size: int
+    steps_per_epoch: float  # optimizer steps per epoch
+    epoch_time_s: float  # training wall time per epoch
+    comm_s: float  # time per epoch waiting for the allreduce (the exposed part)
+    grad_bytes: float
+    label: str = ""
+
+    @property
+    def compute_step_s(self) -> float:
+        return (self.epoch_time_s - self.comm_s) / self.steps_per_epoch
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A profile with fitted latency and bandwidth, how they were found, and the error at each measured point."""
+
+    profile: MachineProfile
+    method: str
+    compute_step_s: float  # mean over the runs at the smallest measured world size (1 if present)
+    points: list[dict[str, Any]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """Human-readable summary: the fitted numbers and the prediction error per measured point."""
+        p = self.profile
+        out = [
+            f"calibration of {p.name} ({self.method}): latency {p.intra_latency_us:.4g} us per ring step, "
+            f"bandwidth {p.intra_bw_gbs:.4g} GB/s; compute {self.compute_step_s:.4g} s per step",
+        ]
+        for pt in self.points:
+            out.append(
+                f"  {pt['label'] or 'run'} ({pt['world_size']} rank(s)): epoch measured {pt['measured_epoch_s']:.4g} s,"
+                f" predicted {pt['predicted_epoch_s']:.4g} s, error {pt['error_pct']:+.1f}%; comm/step measured "
+                f"{pt['measured_comm_step_s']:.3g} s, predicted {pt['predicted_comm_step_s']:.3g} s"
+            )
+        return out
+
+
+def _fit_nonneg(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, str] | None:
+    """Least squares for [latency, 1/bandwidth] >= 0; None when the columns are not independent."""
+    if np.linalg.matrix_rank(a / np.maximum(np.abs(a).max(axis=0), 1e-300), tol=1e-9) < 2:
+        return None
+    x, *_ = np.linalg.lstsq(a, y, rcond=None)
+    if (x >= 0).all():
+        return x, "least squares"
+    # A negative term is noise: fit the other one alone and keep the better of the two.
+    best = None
+    for j in range(2):
+        col = a[:, j]
+        c = max(float(col @ y) / float(col @ col), 0.0)
+        x1 = np.zeros(2)
+        x1[j] = c
+        r = float(np.sum((a @ x1 - y) ** 2))
+        if best is None or r < best[0]:
+            best = (r, x1)
+    return best[1], "least squares (one term clipped to 0)"
+
+
+def calibrate(profile: str | MachineProfile, measurements: Sequence[Measurement]) -> Calibration:
+    """Fit the profile's single-node latency and bandwidth to measured real runs.
+
+    The unknowns are the latency `a` and the inverse bandwidth `1/B` of the ring in one node: each measured run at
+    p > 1 ranks gives `comm per step - cycle tail = calls * 2(p-1) * a + 2(p-1)/p * bytes / B`. With two or more
+    independent points (e.g. 2 and 4 ranks) they are fitted by non-negative least squares; with only one shape
+    (e.g. only 2 ranks) the prior latency and bandwidth are scaled together by one ratio. Overlap is set to 0: the
+    measured comm is already the exposed part. The error is reported per measured point on the epoch time, with
+    compute per step the mean over the runs at the smallest world size (as a prediction from a 1-GPU run would).
+
+    Raises:
+        ValueError: no measurements, or a run with more ranks than the profile has per node.
+    """
+    prof = replace(get_profile(profile), overlap=0.0)
+    if not measurements:
+        raise ValueError("calibration needs at least one measured real run")
+    for m in measurements:
+        if m.world_size > prof.gpus_per_node:
+            raise ValueError(
+                f"run {m.label or '?'} has {m.world_size} ranks but profile {prof.name} has {prof.gpus_per_node} per "
+                "node: calibration fits the single-node terms only"
+            )
+        if m.steps_per_epoch <= 0:
+            raise ValueError(f"run {m.label or '?'}: steps per epoch must be > 0, got {m.steps_per_epoch}")
+    multi = [m for m in measurements if m.world_size > 1]
+    method = "no multi-rank run: prior latency and bandwidth kept"
+    if multi:
+        rows, y = [], []
+        for m in multi:
+            p = m.world_size
+            calls = len(_buffers(m.grad_bytes, prof.fusion_mb, None)) or 1
+            rows.append([calls * 2.0 * (p - 1), 2.0 * (p - 1) / p * m.grad_bytes])
+            y.append(m.comm_s / m.steps_per_epoch - prof.cycle_ms * 1e-3 / 2)
+        a, yv = np.asarray(rows), np.asarray(y)
+        fit = _fit_nonneg(a, yv)
+        if fit is not None:
+            (lat_s, inv_bw), method = fit
+        else:
+            prior = np.array([prof.intra_latency_us * 1e-6, 1.0 / (prof.intra_bw_gbs * GB)])
+            # Clip at a tiny positive ratio: a zero would mean infinite bandwidth.
+            ratio = max(float(yv.sum()) / float((a @ prior).sum()), 1e-9)
+            lat_s, inv_bw = prior * ratio
+            method = f"ratio to the prior (x{ratio:.3g}; one world size cannot separate latency from bandwidth)"
+        bw = 1.0 / (inv_bw * GB) if inv_bw > 0 else math.inf  # the fit found no bandwidth term
+        prof = replace(
+            prof,
+            intra_latency_us=float(lat_s) * 1e6,
+            intra_bw_gbs=float(bw),
+            nic_bw_gbs=float(bw),
+            inter_latency_us=float(lat_s) * 1e6,
+        )
+    smallest = min(m.world_size for m in measurements)
+    ref = [m.compute_step_s for m in measurements if m.world_size == smallest]
+    compute = sum(ref) / len(ref)
+    points = []
+    for m in measurements:
+        # Only the per-step numbers are used: the epoch has the measured run's own number of steps.
+        pred = predict_point(prof, compute, m.grad_bytes, m.steps_per_epoch, 1, m.world_size)
+        pred_epoch = pred["step_s"] * m.steps_per_epoch
+        points.append(
+            {
+                "label": m.label,
+                "world_size": m.world_size,
+                "measured_epoch_s": m.epoch_time_s,
+                "predicted_epoch_s": pred_epoch,
+                "error_pct": 100.0 * (pred_epoch - m.epoch_time_s) / m.epoch_time_s,
+                "measured_comm_step_s": m.comm_s / m.steps_per_epoch,
+                "predicted_comm_step_s": pred["exposed_comm_s"],
+            }
+        )
+    return Calibration(prof, method, compute, points)
+
+
+def profile_dict(profile: MachineProfile) -> dict[str, Any]:
+    """The profile as a plain dict (for JSON output)."""
+    return asdict(profile)

@@ -1,0 +1,502 @@
+"""The scaling report: a table of real, simulated and predicted runs against GPUs, in Markdown and CSV, and two plots.
+
+Written under `out_dir`::
+
+    scaling.md          the table, the definitions, the prediction assumptions and the calibration
+    scaling.csv         one row per run folder and per predicted GPU count (all runs, none averaged)
+    time_speedup.png    time per epoch and speedup against GPUs (log2 axes) with the ideal lines
+    dice_relative.png   best Dice relative to 1 GPU against GPUs, with the source study's reference points
+
+Definitions: speedup = t_1 / t_N with t_1 the mean epoch time of the real 1-GPU runs (for predicted rows, the same
+profile's 1-GPU prediction); efficiency = speedup / N; Dice relative = best Dice / mean best Dice of the 1-GPU runs;
+epochs to target = epoch index + 1 of the first validation Dice >= target. A simulated run trains N GPUs' worth of
+batches on one process, so its wall time says nothing about N GPUs: its time columns are left empty. Several runs
+at one GPU count and kind are all kept in the CSV; the plots draw their mean (and each run faintly).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from . import perfmodel
+from .runs import RunRecord, expand_run_dirs, grad_bytes_from_checkpoint, load_run, measurement
+
+__all__ = [
+    "COLUMNS",
+    "STUDY_REFERENCE",
+    "ModelInputs",
+    "Report",
+    "build_rows",
+    "format_markdown",
+    "make_report",
+    "model_inputs",
+    "plot_dice_relative",
+    "plot_time_speedup",
+    "write_csv",
+]
+
+# The source study: 1-GPU Dice kept up to 8 GPUs, ~95% at 16 and 32, ~85% at 64.
+STUDY_REFERENCE = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 0.95, 32: 0.95, 64: 0.85}
+ISSUE_BAR = 0.98  # issue 6: simulated runs keep >= 98% of the 1-GPU Dice at every count
+COLUMNS = (
+    "gpus",
+    "kind",
+    "source",
+    "world_size",
+    "simulate_gpus",
+    "global_batch",
+    "time_per_epoch_s",
+    "speedup",
+    "efficiency",
+    "best_dice",
+    "dice_rel",
+    "epochs_to_target",
+    "wall_epoch_s",
+    "comm_fraction",
+    "note",
+)
+_KIND_ORDER = {"real": 0, "simulated": 1, "predicted": 2}
+_STYLE = {"real": ("o", "C0", "-"), "simulated": ("s", "C1", "-")}
+_PRED_COLOURS = ("C2", "C3", "C4", "C5", "C6")
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """The numbers a prediction starts from, and where each came from."""
+
+    compute_step_s: float
+    grad_bytes: float
+    samples_per_epoch: float
+    batch_per_gpu: int
+    accum: int
+    measured_on: str | None  # profile the compute time was measured on; None: taken as on the target
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """What `make_report` produced."""
+
+    rows: list[dict[str, Any]]
+    target: float | None
+    baseline_dice: float | None
+    baseline_time: float | None
+    assumptions: list[str]
+    files: list[Path]
+    markdown: str
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _compute_step(run: RunRecord) -> float | None:
+    if run.epoch_time_s is None or not run.steps_per_epoch:
+        return None
+    return (run.epoch_time_s - (run.comm_s or 0.0)) / run.steps_per_epoch
+
+
+def model_inputs(
+    runs: Sequence[RunRecord],
+    step_time: float | None = None,
+    grad_bytes: float | None = None,
+    samples: float | None = None,
+    batch: int | None = None,
+    measured_on: str = "cpu_this_machine",
+) -> ModelInputs:
+    """Prediction inputs from the real 1-GPU runs (or the smallest real run), each overridable.
+
+    Raises:
+        ValueError: an input is neither given nor found in the runs (the message names the flag to pass).
+    """
+    real = sorted((r for r in runs if r.kind == "real"), key=lambda r: r.gpus)
+    ref = [r for r in real if r.gpus == real[0].gpus] if real else []
+    sources: dict[str, str] = {}
+    names = ", ".join(r.name for r in ref) or "none"
+    if step_time is not None:
+        compute, on = step_time, None
+        sources["compute"] = "--step-time, taken as measured on the target GPU"
+    else:
+        compute, on = _mean([_compute_step(r) for r in ref]), measured_on
+        sources["compute"] = f"mean (epoch time - comm) / steps of real run(s) {names}, measured on {measured_on}"
+        if ref and ref[0].gpus > 1:
+            sources["compute"] += f" (no 1-GPU run: taken from {ref[0].gpus}-GPU runs)"
+    if grad_bytes is None:
+        for r in ref or real:
+            grad_bytes = r.grad_bytes if r.grad_bytes is not None else grad_bytes_from_checkpoint(r)
+            if grad_bytes is not None:
+                sources["grad_bytes"] = f"run {r.name} (summary/config grad_bytes or checkpoint parameters)"
+                break
+    else:
+        sources["grad_bytes"] = "--grad-bytes"
+    if samples is None:
+        samples = _mean([r.samples_per_epoch for r in ref])
+        sources["samples"] = f"train samples per epoch of {names}"
+    else:
+        sources["samples"] = "--samples"
+    accum = ref[0].accum if ref else 1
+    if batch is None:
+        batch = ref[0].batch_size_per_gpu if ref else None
+        sources["batch"] = f"batch_size_per_gpu of {names}"
+    else:
+        sources["batch"] = "--batch"
+    missing = [
+        flag
+        for flag, v in (
+            ("--step-time", compute),
+            ("--grad-bytes", grad_bytes),
+            ("--samples", samples),
+            ("--batch", batch),
+        )
+        if not v
+    ]
+    if missing:
+        raise ValueError(
+            f"cannot predict: no value for {', '.join(missing)} in the run folders (real runs: {names}); pass "
+            + " ".join(missing)
+        )
+    return ModelInputs(float(compute), float(grad_bytes), float(samples), int(batch), accum, on, sources)
+
+
+def _predict(
+    profile_name: str, inputs: ModelInputs, runs: Sequence[RunRecord], gpus: Sequence[int]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    profile = perfmodel.get_profile(profile_name)
+    lines: list[str] = []
+    measured_on = inputs.measured_on
+    if profile.name == "cpu_this_machine":
+        # This machine's own terms come from its measured real runs; its compute needs no scaling.
+        real = [r for r in runs if r.kind == "real" and r.epoch_time_s is not None and r.comm_s is not None]
+        if real:
+            cal = perfmodel.calibrate(profile, [measurement(r, inputs.grad_bytes) for r in real])
+            profile, lines = cal.profile, cal.lines()
+        if measured_on == "cpu_this_machine":
+            measured_on = None
+    table = perfmodel.predict_table(
+        profile,
+        inputs.compute_step_s,
+        inputs.grad_bytes,
+        inputs.samples_per_epoch,
+        inputs.batch_per_gpu,
+        gpus,
+        inputs.accum,
+        measured_on,
+    )
+    assumptions = perfmodel.assumption_lines(
+        profile,
+        inputs.compute_step_s,
+        inputs.grad_bytes,
+        inputs.samples_per_epoch,
+        inputs.batch_per_gpu,
+        inputs.accum,
+        measured_on,
+    )
+    assumptions += [f"  source of {k}: {v}" for k, v in inputs.sources.items()] + lines
+    return table, assumptions
+
+
+def _labels(runs: Sequence[RunRecord]) -> list[str]:
+    """Folder names, made unique with as many parent folders as needed (e.g. run1/fold_0, run2/fold_0)."""
+    for depth in range(1, 1 + max((len(r.path.parts) for r in runs), default=1)):
+        labels = ["/".join(r.path.parts[-depth:]) for r in runs]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(r.path) for r in runs]
+
+
+def build_rows(
+    runs: Sequence[RunRecord],
+    predictions: dict[str, list[dict[str, Any]]] | None = None,
+    target_dice: float | None = None,
+) -> tuple[list[dict[str, Any]], float | None, float | None, float | None]:
+    """Table rows for the runs and predictions: (rows, target Dice, 1-GPU best Dice, 1-GPU epoch time)."""
+    labels = _labels(runs)
+    ones = [r for r in runs if r.gpus == 1]
+    base_dice = _mean([r.best for r in ones])
+    base_time = _mean([r.epoch_time_s for r in ones])
+    target = target_dice if target_dice is not None else (0.95 * base_dice if base_dice is not None else None)
+    rows = []
+    for r, label in zip(runs, labels):
+        row = dict.fromkeys(COLUMNS)
+        best = r.best
+        row.update(
+            gpus=r.gpus,
+            kind=r.kind,
+            source=label,
+            world_size=r.world_size,
+            simulate_gpus=r.simulate_gpus,
+            global_batch=r.global_batch,
+            best_dice=best,
+            dice_rel=best / base_dice if best is not None and base_dice else None,
+            epochs_to_target=r.epochs_to(target) if target is not None else None,
+            wall_epoch_s=r.epoch_time_s,
+            comm_fraction=r.comm_fraction,
+            note="",
+        )
+        if r.kind == "real":
+            row["time_per_epoch_s"] = r.epoch_time_s
+            if base_time and r.epoch_time_s:
+                row["speedup"] = base_time / r.epoch_time_s
+                row["efficiency"] = row["speedup"] / r.gpus
+        else:
+            row["note"] = f"simulated on {r.world_size} process(es): its wall time is no time on {r.gpus} GPUs"
+        if r.metric != "dice":
+            row["note"] = (row["note"] + "; " if row["note"] else "") + f"Dice column is {r.metric}"
+        rows.append(row)
+    for name, table in (predictions or {}).items():
+        for p in table:
+            row = dict.fromkeys(COLUMNS)
+            row.update(
+                gpus=p["gpus"],
+                kind="predicted",
+                source=name,
+                global_batch=p["global_batch"],
+                time_per_epoch_s=p["epoch_s"],
+                speedup=p["speedup"],
+                efficiency=p["efficiency"],
+                note=f"{p['algorithm']}, {p['nodes']} node(s)"
+                + ("; global batch > samples per epoch" if p["steps_per_epoch"] < 1 else ""),
+            )
+            rows.append(row)
+    rows.sort(key=lambda x: (x["gpus"], _KIND_ORDER[x["kind"]], str(x["source"])))
+    return rows, target, base_dice, base_time
+
+
+def _fmt(v: Any, kind: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return {"time": f"{v:.4g}", "x": f"{v:.2f}", "pct": f"{100 * v:.1f}%", "dice": f"{v:.4f}"}.get(kind, str(v))
+
+
+def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The table as Markdown (empty cells as '—')."""
+    head = (
+        "| GPUs | kind | source | global batch | time/epoch s | speedup | efficiency | best Dice | Dice vs 1 GPU "
+        "| epochs to target | note |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
+    )
+    lines = [head]
+    for r in rows:
+        cells = [
+            str(r["gpus"]),
+            r["kind"],
+            str(r["source"]),
+            _fmt(r["global_batch"], ""),
+            _fmt(r["time_per_epoch_s"], "time"),
+            _fmt(r["speedup"], "x"),
+            _fmt(r["efficiency"], "pct"),
+            _fmt(r["best_dice"], "dice"),
+            _fmt(r["dice_rel"], "pct"),
+            _fmt(r["epochs_to_target"], "") if r["kind"] != "predicted" else "—",
+            r["note"] or "",
+        ]
+        if r["kind"] != "predicted" and r["epochs_to_target"] is None and r["best_dice"] is not None:
+            cells[9] = "not reached"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """All rows with every column of `COLUMNS`; empty cells for values that do not apply."""
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()})
+    return path
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str) -> dict[tuple[str, str], dict[int, list[float]]]:
+    """{(kind, label): {gpus: [values]}}; predicted rows are one series per profile, runs one per kind."""
+    out: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        v = r.get(key)
+        if v is None or not math.isfinite(v):
+            continue
+        label = r["source"] if r["kind"] == "predicted" else r["kind"]
+        out[(r["kind"], label)][r["gpus"]].append(v)
+    return out
+
+
+def _style(kind: str, i: int) -> tuple[str, str, str]:
+    return _STYLE.get(kind, ("^", _PRED_COLOURS[i % len(_PRED_COLOURS)], "--"))
+
+
+def _log2_axis(ax, gpus: Sequence[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(gpus))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.set_xlabel("GPUs")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _draw(ax, series: dict[int, list[float]], label: str, style: tuple[str, str, str]) -> tuple[list, list]:
+    marker, colour, line = style
+    xs = sorted(series)
+    means = [sum(series[x]) / len(series[x]) for x in xs]
+    ax.plot(xs, means, marker=marker, color=colour, linestyle=line, label=label)
+    for x in xs:  # each run faintly, when several share a GPU count
+        if len(series[x]) > 1:
+            ax.scatter([x] * len(series[x]), series[x], marker=marker, color=colour, alpha=0.3, s=14)
+    return xs, means
+
+
+def plot_time_speedup(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Time per epoch and speedup against GPUs (log2 x), real and predicted, with ideal lines (dotted)."""
+    fig = Figure(figsize=(11, 4.3), dpi=110)
+    ax_t, ax_s = fig.subplots(1, 2)
+    gpus = [r["gpus"] for r in rows] or [1]
+    times, speedups = _series(rows, "time_per_epoch_s"), _series(rows, "speedup")
+    pred_i = 0
+    for (kind, label), s in times.items():
+        style = _style(kind, pred_i)
+        pred_i += kind == "predicted"
+        name = f"{kind}: {label}" if kind == "predicted" else f"{kind} (measured)"
+        xs, means = _draw(ax_t, s, name, style)
+        if 1 in s:
+            t1 = means[xs.index(1)]
+            ideal = [t1 / g for g in sorted(set(gpus))]
+            ax_t.plot(sorted(set(gpus)), ideal, color=style[1], linestyle=":", linewidth=1)
+        if (kind, label) in speedups:
+            _draw(ax_s, speedups[(kind, label)], name, style)
+    g = sorted(set(gpus))
+    ax_s.plot(g, g, color="black", linestyle=":", linewidth=1, label="ideal (speedup = GPUs)")
+    ax_t.plot([], [], color="grey", linestyle=":", label="ideal t1 / GPUs (per series)")
+    for ax in (ax_t, ax_s):
+        _log2_axis(ax, gpus)
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("time per training epoch (s)")
+    ax_s.set_yscale("log", base=2)
+    ax_s.set_ylabel("speedup vs 1 GPU")
+    sim = " (simulated runs: one process, not timed)" if any(r["kind"] == "simulated" for r in rows) else ""
+    ax_t.set_title("time per epoch" + sim, fontsize=10)
+    ax_s.set_title("speedup")
+    for ax in (ax_t, ax_s):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper right" if ax is ax_t else "upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_dice_relative(rows: Sequence[dict[str, Any]], path: str | Path, metric: str = "Dice") -> Path:
+    """Best Dice relative to 1 GPU (%) against GPUs, real and simulated, with the study's reference (dashed)."""
+    fig = Figure(figsize=(6.5, 4.3), dpi=110)
+    ax = fig.subplots()
+    rel = _series(rows, "dice_rel")
+    all_vals = [100.0]
+    for (kind, _), s in rel.items():
+        s100 = {g: [100 * v for v in vs] for g, vs in s.items()}
+        _draw(ax, s100, kind, _style(kind, 0))
+        all_vals += [v for vs in s100.values() for v in vs]
+    ref_x = sorted(STUDY_REFERENCE)
+    ax.plot(ref_x, [100 * STUDY_REFERENCE[x] for x in ref_x], "k--", marker="x", label="source study (reference)")
+    ax.axhline(100 * ISSUE_BAR, color="grey", linestyle=":", linewidth=1, label=f"our bar ({ISSUE_BAR:.0%})")
+    _log2_axis(ax, [r["gpus"] for r in rows] + ref_x)
+    ax.set_ylim(min(80.0, min(all_vals) - 3), max(105.0, max(all_vals) + 2))
+    ax.set_ylabel(f"best {metric} relative to 1 GPU (%)")
+    ax.set_title(f"{metric} against GPUs (mean of runs per GPU count)")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def make_report(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    predict: Sequence[str] = (),
+    target_dice: float | None = None,
+    metric: str = "dice",
+    step_time: float | None = None,
+    grad_bytes: float | None = None,
+    samples: float | None = None,
+    batch: int | None = None,
+    measured_on: str = "cpu_this_machine",
+    gpus: Sequence[int] = perfmodel.DEFAULT_GPUS,
+    echo: Callable[[str], None] | None = print,
+) -> Report:
+    """Read the run folders, predict with each profile in `predict`, write the table and plots under `out_dir`.
+
+    Args:
+        run_dirs: run folders, or folders whose direct subfolders are run folders.
+        out_dir: where scaling.md, scaling.csv and the PNGs go (created).
+        predict: profile names or YAML/JSON files; cpu_this_machine is calibrated against the real runs.
+        target_dice: the Dice for "epochs to target"; default 0.95 x the 1-GPU best Dice.
+        metric: validation key reported as Dice.
+        step_time, grad_bytes, samples, batch: override the prediction inputs taken from the real 1-GPU run.
+        measured_on: the profile the runs' compute time was measured on (used to scale it to other GPUs).
+        gpus: GPU counts to predict.
+        echo: where the table and assumptions are printed (None: silent).
+
+    Raises:
+        RunFolderError: a run folder or its summary.json/metrics.jsonl is missing.
+        ValueError: bad run files, no run folders, or prediction inputs that cannot be found.
+    """
+    paths = expand_run_dirs(list(run_dirs))
+    if not paths:
+        raise ValueError("no run folders given")
+    runs = [load_run(p, metric) for p in paths]
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    assumptions: list[str] = []
+    if predict:
+        inputs = model_inputs(runs, step_time, grad_bytes, samples, batch, measured_on)
+        for name in predict:
+            table, lines = _predict(name, inputs, runs, gpus)
+            label = perfmodel.get_profile(name).name
+            predictions[label] = table
+            assumptions += lines + [""]
+    rows, target, base_dice, base_time = build_rows(runs, predictions, target_dice)
+    headline = [
+        f"predicted efficiency at {t[-1]['gpus']} GPUs on {name}: {t[-1]['efficiency']:.1%}"
+        for name, t in predictions.items()
+    ]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = sorted({r.metric for r in runs})
+    table = format_markdown(rows)
+    target_text = f"{target:.4f}" if target is not None else "none (no 1-GPU run and no --target-dice)"
+    how = "given" if target_dice is not None else "0.95 x the 1-GPU best"
+    md = [
+        "# Scaling report",
+        "",
+        f"{sum(r.kind == 'real' for r in runs)} real and {sum(r.kind == 'simulated' for r in runs)} simulated run(s);"
+        f" Dice column: validation {', '.join(shown)}; target Dice {target_text} ({how}).",
+        "",
+        table,
+        "",
+        *[f"**{h}**" for h in headline],
+        *([""] if headline else []),
+        "- speedup = t(1 GPU) / t(N), efficiency = speedup / N; predicted rows against the same profile's 1 GPU.",
+        "- Dice vs 1 GPU = best Dice / mean best Dice of the 1-GPU runs; epochs to target = first epoch (1-based)"
+        " whose validation Dice reaches the target.",
+        "- simulated runs (gradient accumulation on one process) have no N-GPU time: see the predicted rows.",
+        "- several runs at one GPU count and kind: all listed here and in scaling.csv; the plots show their mean.",
+        "",
+        "![time and speedup](time_speedup.png)",
+        "",
+        "![Dice relative to 1 GPU](dice_relative.png)",
+    ]
+    if assumptions:
+        md += ["", "## Prediction assumptions", "", "```", *assumptions, "```"]
+    markdown = "\n".join(md) + "\n"
+    files = [out / "scaling.md", write_csv(rows, out / "scaling.csv")]
+    files[0].write_text(markdown)
+    files.append(plot_time_speedup(rows, out / "time_speedup.png"))
+    files.append(plot_dice_relative(rows, out / "dice_relative.png", "Dice" if shown == ["dice"] else shown[0]))
+    if echo is not None:
+        echo(table)
+        if assumptions:
+            echo("\n".join(["", "assumptions:", *assumptions, *headline]))
+        echo(f"target Dice {target_text}; wrote {', '.join(str(f) for f in files)}")
+    return Report(rows, target, base_dice, base_time, assumptions, files, markdown)

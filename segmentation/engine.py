@@ -1,0 +1,247 @@
+"""The pieces `hvdtrain.fit` takes for the U-Net, and prediction on NIfTI files.
+
+Checkpoint `config` layout (written by `checkpoint_config`, read by `model_from_checkpoint` and `jobs.predict`):
+
+    config = {
+        ...every UNetConfig field...,
+        "model": {"in_channels", "out_channels", "features", "depth", "norm", "dropout", "deep_supervision",
+                  "max_features"},                  # UNet3D(**config["model"])
+        "preprocess": {"target_spacing", "window", "normalize"},   # PreprocessParams.from_dict(...)
+        "inference": {"roi_size", "overlap", "sw_batch_size", "threshold", "activation"},
+    }
+
+Typical job (every rank):
+
+    cfg = parse_config(UNetConfig); dist.init(cfg.threads or None)
+    train_cases, val_cases = prepare_data(cfg)                 # preprocessing shared by the ranks, cached
+    train = data.train_loader(patch_dataset(cfg, train_cases), cfg.batch_size_per_gpu, cfg.seed, ...)
+    val = data.eval_loader(VolumeDataset(val_cases), 1)
+    fit(build_model(model_kwargs(cfg)), train, val, make_step_fn(make_loss(cfg)), make_eval_fn(cfg),
+        DiceMetric, cfg, checkpoint_config(cfg), monitor=cfg.monitor)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import nn
+
+from hvdtrain import dist
+from hvdtrain.config import to_dict
+
+from .config import UNetConfig
+from .inference import predict_probabilities
+from .io import Case, EmptyDatasetError, list_cases, read_nifti
+from .losses import DeepSupervisionLoss, DiceLoss
+from .metrics import DiceMetric
+from .preprocess import CachedCase, PreprocessParams, invert_to_original, preprocess_arrays, preprocess_dataset
+from .sampling import Augment, PatchDataset
+from .unet import UNet3D
+
+__all__ = [
+    "model_kwargs",
+    "preprocess_params",
+    "inference_params",
+    "checkpoint_config",
+    "build_model",
+    "split_cases",
+    "prepare_data",
+    "patch_dataset",
+    "make_loss",
+    "make_step_fn",
+    "make_eval_fn",
+    "Predictor",
+    "model_from_checkpoint",
+]
+
+
+def model_kwargs(cfg: UNetConfig) -> dict[str, Any]:
+    """`UNet3D` constructor arguments from the config (stored as `config["model"]`)."""
+    return {
+        "in_channels": 1,
+        "out_channels": 1,
+        "features": cfg.features,
+        "depth": cfg.depth,
+        "norm": cfg.norm,
+        "dropout": cfg.dropout,
+        "deep_supervision": cfg.deep_supervision,
+        "max_features": 320,
+    }
+
+
+def preprocess_params(cfg: UNetConfig) -> PreprocessParams:
+    return PreprocessParams(tuple(cfg.target_spacing), tuple(cfg.window), cfg.normalize)
+
+
+def inference_params(cfg: UNetConfig) -> dict[str, Any]:
+    """Sliding-window settings stored as `config["inference"]`."""
+    return {
+        "roi_size": list(cfg.patch_size),
+        "overlap": cfg.sw_overlap,
+        "sw_batch_size": cfg.sw_batch_size,
+        "threshold": cfg.threshold,
+        "activation": "sigmoid",
+    }
+
+
+def checkpoint_config(cfg: UNetConfig) -> dict[str, Any]:
+    """The `config` dict for `hvdtrain.fit` (config.json and checkpoints): flat fields + model/preprocess/inference."""
+    return {
+        **to_dict(cfg),
+        "model": model_kwargs(cfg),
+        "preprocess": preprocess_params(cfg).to_dict(),
+        "inference": inference_params(cfg),
+    }
+
+
+def build_model(kwargs: dict[str, Any]) -> UNet3D:
+    return UNet3D(**kwargs)
+
+
+def split_cases(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Case], list[Case]]:
+    """(train, validation) cases: the dataset's own validation list if it has one, else a seeded random split."""
+    train = list_cases(root, "train")
+    try:
+        return train, list_cases(root, "val")
+    except EmptyDatasetError:
+        pass
+    if len(train) < 2:
+        raise EmptyDatasetError(f"{root}: {len(train)} labelled case(s); need at least 2 to hold one out")
+    n_val = min(len(train) - 1, max(1, round(val_fraction * len(train))))
+    order = np.random.default_rng(seed).permutation(len(train))
+    val_idx = set(order[:n_val].tolist())
+    return [c for i, c in enumerate(train) if i not in val_idx], [c for i, c in enumerate(train) if i in val_idx]
+
+
+def prepare_data(cfg: UNetConfig, progress: bool | None = None) -> tuple[list[CachedCase], list[CachedCase]]:
+    """Split, preprocess (ranks share the cases; cached across runs) and return (train, validation) entries.
+
+    A collective: call on every rank (it ends with a barrier so every entry is on disk when it returns).
+    """
+    d = dist.info()
+    train, val = split_cases(cfg.data, cfg.val_fraction, cfg.split_seed)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data) / "preprocessed"
+    params = preprocess_params(cfg)
+    show = dist.is_main() if progress is None else progress
+    cases = train + val
+    entries = preprocess_dataset(cases, cache, params, shard=(d.rank, d.size), progress=show)
+    dist.barrier()  # hvd: every rank's share is written before anyone reads another's
+    return entries[: len(train)], entries[len(train) :]
+
+
+def patch_dataset(cfg: UNetConfig, cases: Sequence[CachedCase]) -> PatchDataset:
+    augment = Augment(enabled=cfg.augment, intensity_scale=cfg.intensity_scale, intensity_shift=cfg.intensity_shift)
+    pad = 0.0 if cfg.normalize == "minmax" else None  # air: 0 after min-max; each volume's minimum after z-score
+    return PatchDataset(
+        cases, cfg.patch_size, cfg.samples_per_volume, cfg.fg_share, augment, cfg.seed, pad, cfg.small_volume
+    )
+
+
+def make_loss(cfg: UNetConfig, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
+    """Dice (+ BCE) loss, wrapped for deep supervision; global-batch Dice when `cfg.global_dice`.
+
+    `reduce_fn` defaults to `hvdtrain.dist.allreduce_sum_grad` when `cfg.global_dice and cfg.batch_dice`.
+    """
+    if reduce_fn is None and cfg.global_dice and cfg.batch_dice:
+        reduce_fn = dist.allreduce_sum_grad
+    dice = DiceLoss("sigmoid", cfg.batch_dice, cfg.smooth, cfg.smooth, cfg.ce_weight, reduce_fn=reduce_fn)
+    return DeepSupervisionLoss(dice)
+
+
+def make_step_fn(loss_fn: nn.Module) -> Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, int]]:
+    """`step_fn(model, (image, label), device) -> (local loss, patches)` for `hvdtrain.fit`."""
+
+    def step_fn(model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
+        image, label = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        return loss_fn(model(image), label), int(image.shape[0])
+
+    return step_fn
+
+
+def make_eval_fn(cfg: UNetConfig) -> Callable[[nn.Module, Any, torch.device, DiceMetric], None]:
+    """`eval_fn(model, (image, label, case_ids), device, metric)`: sliding-window inference of whole volumes.
+
+    Dice is measured on the preprocessed grid (nnU-Net's validation does the same during training);
+    `jobs.predict` scores on the original grid.
+    """
+
+    def eval_fn(model: nn.Module, batch: Any, device: torch.device, metric: DiceMetric) -> None:
+        images, labels, case_ids = batch
+        for image, label, case_id in zip(images, labels, case_ids):
+            pad = 0.0 if cfg.normalize == "minmax" else float(image.min())  # air outside the volume
+            prob = predict_probabilities(
+                model, image, cfg.patch_size, cfg.sw_overlap, cfg.sw_batch_size, device=device, pad_value=pad
+            )
+            metric.update(case_id, prob > cfg.threshold, label[0].numpy())
+
+    return eval_fn
+
+
+def _config_section(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """`config[key]`, or rebuilt from the flat UNetConfig fields of an older checkpoint."""
+    if key in config:
+        return dict(config[key])
+    names = {f.name for f in fields(UNetConfig)}
+    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+    return {
+        "model": model_kwargs,
+        "preprocess": lambda c: preprocess_params(c).to_dict(),
+        "inference": inference_params,
+    }[key](cfg)
+
+
+@dataclass
+class Predictor:
+    """A trained U-Net with the preprocessing and sliding-window settings it was trained with."""
+
+    model: nn.Module
+    params: PreprocessParams
+    roi_size: tuple[int, int, int]
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    threshold: float = 0.5
+    device: torch.device = torch.device("cpu")
+
+    def probabilities(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        """Foreground probability on the original grid of `image` (voxels as stored, with its affine)."""
+        img, _, geometry = preprocess_arrays(image, affine, None, self.params)
+        pad = 0.0 if self.params.normalize == "minmax" else float(img.min())  # air
+        prob = predict_probabilities(
+            self.model, img, self.roi_size, self.overlap, self.sw_batch_size, device=self.device, pad_value=pad
+        )
+        return invert_to_original(prob, geometry)
+
+    def predict_file(self, path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+        """(source NIfTI, uint8 mask on its grid)."""
+        nifti, data = read_nifti(path)
+        return nifti, (self.probabilities(data, nifti.affine) > self.threshold).astype(np.uint8)
+
+
+def model_from_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu", overlap: float | None = None
+) -> Predictor:
+    """Load a checkpoint written by `hvdtrain.fit` with `checkpoint_config(cfg)` as its config."""
+    from hvdtrain import checkpoint
+
+    ckpt = checkpoint.load(Path(path))
+    config = ckpt.get("config") or {}
+    model = build_model(_config_section(config, "model"))
+    model.load_state_dict(ckpt["model"])
+    device = torch.device(device)
+    model.to(device).eval()
+    inf = _config_section(config, "inference")
+    return Predictor(
+        model,
+        PreprocessParams.from_dict(_config_section(config, "preprocess")),
+        tuple(int(r) for r in inf["roi_size"]),
+        float(inf["overlap"] if overlap is None else overlap),
+        int(inf["sw_batch_size"]),
+        float(inf["threshold"]),
+        device,
+    )

@@ -1,0 +1,117 @@
+"""A 3D U-Net in plain PyTorch (no prints, no rank logic, no I/O)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["UNet3D", "NORMS"]
+
+NORMS = ("instance", "batch", "group")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "group":
+        groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+class ConvBlock(nn.Sequential):
+    """(conv 3x3x3 -> norm -> LeakyReLU) x 2, with optional channel dropout between the two."""
+
+    def __init__(self, in_ch: int, out_ch: int, norm: str, dropout: float):
+        layers: list[nn.Module] = [
+            nn.Conv3d(in_ch, out_ch, 3, padding=1, bias=False),
+            _norm(norm, out_ch),
+            nn.LeakyReLU(0.01, inplace=True),
+        ]
+        if dropout > 0:
+            layers.append(nn.Dropout3d(dropout))
+        layers += [nn.Conv3d(out_ch, out_ch, 3, padding=1, bias=False), _norm(norm, out_ch), nn.LeakyReLU(0.01, True)]
+        super().__init__(*layers)
+
+
+class UNet3D(nn.Module):
+    """Encoder-decoder with skip connections (Ronneberger 2015; Cicek 2016), nnU-Net-style blocks.
+
+    Encoder level `i` has `min(features * 2**i, max_features)` channels; `depth` max-pool downsamplings lead to the
+    bottleneck; the decoder upsamples with transposed convolutions and concatenates the skip of the same level.
+
+    Shapes:
+        input `(B, in_channels, X, Y, Z)`, any sizes: inputs are padded internally (replicating the border) to a
+        multiple of `2**depth` and the output is cropped back, so odd sizes like `(2, 1, 33, 34, 35)` work.
+        output `(B, out_channels, X, Y, Z)` logits. In training mode with `deep_supervision=True` the output is a
+        list `[full, 1/2, 1/4, ...]` of `depth` logit maps, the k-th of size `ceil(size / 2**k)` per axis.
+
+    Args:
+        in_channels: image channels (1 for CT).
+        out_channels: 1 for a sigmoid foreground map, C for a C-class softmax.
+        features: channels of the first level.
+        depth: number of downsamplings (levels = depth + 1).
+        norm: "instance" (default, as nnU-Net), "batch" or "group".
+        dropout: Dropout3d probability inside every block (0: none).
+        deep_supervision: add 1x1x1 heads on the lower decoder levels (training output becomes a list).
+        max_features: cap on channels per level (nnU-Net uses 320).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        features: int = 16,
+        depth: int = 4,
+        norm: str = "instance",
+        dropout: float = 0.0,
+        deep_supervision: bool = False,
+        max_features: int = 320,
+    ):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        ch = [min(features * 2**i, max_features) for i in range(depth + 1)]
+        self.depth, self.deep_supervision = depth, deep_supervision
+        self.encoders = nn.ModuleList(
+            [ConvBlock(in_channels if i == 0 else ch[i - 1], ch[i], norm, dropout) for i in range(depth + 1)]
+        )
+        self.pool = nn.MaxPool3d(2)
+        # Decoder level i (from the bottom): upsample ch[i+1] -> ch[i], concat skip ch[i], block 2*ch[i] -> ch[i].
+        self.ups = nn.ModuleList([nn.ConvTranspose3d(ch[i + 1], ch[i], 2, stride=2) for i in range(depth)])
+        self.decoders = nn.ModuleList([ConvBlock(2 * ch[i], ch[i], norm, dropout) for i in range(depth)])
+        self.head = nn.Conv3d(ch[0], out_channels, 1)
+        self.ds_heads = nn.ModuleList(
+            [nn.Conv3d(ch[i], out_channels, 1) for i in range(1, depth)] if deep_supervision else []
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        size = x.shape[2:]
+        m = 2**self.depth
+        pad = [(-s) % m for s in size]
+        if any(pad):
+            # F.pad takes (last dim first) (left, right) pairs; pad at the far end only.
+            x = F.pad(x, [p for s in reversed(pad) for p in (0, s)], mode="replicate")
+        skips = []
+        for i, enc in enumerate(self.encoders):
+            x = enc(x)
+            if i < self.depth:
+                skips.append(x)
+                x = self.pool(x)
+        outputs = []
+        for i in reversed(range(self.depth)):
+            x = self.decoders[i](torch.cat([self.ups[i](x), skips[i]], dim=1))
+            if self.training and self.deep_supervision and 1 <= i:
+                outputs.append(self.ds_heads[i - 1](x))
+        out = self.head(x)[(..., *[slice(0, s) for s in size])]
+        if not (self.training and self.deep_supervision):
+            return out
+        # Lower-resolution maps cropped to ceil(size / 2**k), the grid of a padded-then-pooled input.
+        levels = range(self.depth - 1, 0, -1)  # outputs were collected from the coarsest level up
+        low = [o[(..., *[slice(0, -(-s // 2**k)) for s in size])] for k, o in zip(levels, outputs)]
+        return [out, *reversed(low)]

@@ -1,0 +1,203 @@
+"""The performance model: allreduce formulas against hand-computed numbers, efficiency properties, calibration."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from jobs import predict_scaling
+from scaling import perfmodel as pm
+
+# A small two-level machine with round numbers, for the hand computations below.
+TOY = pm.MachineProfile(
+    name="toy",
+    gpu="toy",
+    relative_throughput=1.0,
+    gpus_per_node=4,
+    intra_bw_gbs=10.0,
+    intra_latency_us=5.0,
+    nic_bw_gbs=10.0,
+    nics_per_node=1,
+    inter_latency_us=10.0,
+    fusion_mb=128.0,
+    cycle_ms=0.0,
+    overlap=0.0,
+)
+
+
+def test_ring_allreduce_hand_computed():
+    # 2 * 3/4 * 1e8 B / 1e10 B/s = 0.015 s; 2 * 3 * 10 us = 60 us
+    assert pm.ring_allreduce_time(1e8, 4, 10.0, 10.0) == pytest.approx(0.01506, rel=1e-12)
+    assert pm.ring_allreduce_time(1e8, 1, 10.0, 10.0) == 0.0
+    assert pm.ring_allreduce_time(0, 2, 10.0, 7.0) == pytest.approx(14e-6)
+    with pytest.raises(ValueError, match="ranks"):
+        pm.ring_allreduce_time(1.0, 0, 1.0, 1.0)
+
+
+def test_flat_and_hierarchical_hand_computed():
+    # 8 GPUs = 2 nodes of 4. Flat: 2*7/8 * 1e8/1e10 + 14 * 10 us.
+    flat, algo, calls = pm.allreduce_time(1e8, 8, TOY)
+    assert (algo, calls) == ("flat ring", 1)
+    assert flat == pytest.approx(0.0175 + 14e-5)
+    # Hierarchical: 2 * (3/4 * 1e8/1e10 + 3 * 5 us) + (2 * 1/2 * 1e8/1e10 + 2 * 10 us).
+    hier, algo, _ = pm.allreduce_time(1e8, 8, replace(TOY, hierarchical=True))
+    assert algo == "hierarchical"
+    assert hier == pytest.approx(2 * (0.0075 + 15e-6) + 0.01 + 20e-6)
+    # Inside one node both are the plain ring.
+    assert pm.allreduce_time(1e8, 4, TOY)[0] == pm.allreduce_time(1e8, 4, replace(TOY, hierarchical=True))[0]
+
+
+def test_hierarchical_wins_with_fast_intra_node_links_and_on_latency():
+    fast_node = replace(TOY, intra_bw_gbs=100.0)
+    flat = pm.allreduce_time(1e8, 8, fast_node)[0]
+    hier = pm.allreduce_time(1e8, 8, replace(fast_node, hierarchical=True))[0]
+    assert hier == pytest.approx(2 * (0.00075 + 15e-6) + 0.01 + 20e-6)
+    assert hier < flat
+    # Small messages at 64 GPUs: 2(p-1) network steps against 2(m-1) + 2(g-1) fast ones.
+    flat_small = pm.allreduce_time(1e3, 64, TOY)[0]
+    hier_small = pm.allreduce_time(1e3, 64, replace(TOY, hierarchical=True))[0]
+    assert hier_small < flat_small / 3
+
+
+def test_network_bandwidth_per_node_counts_adapters():
+    eight = replace(TOY, gpus_per_node=8, nics_per_node=8, nic_bw_gbs=45.0)
+    assert eight.node_bw_gbs == 360.0
+    assert replace(TOY, nics_per_node=8).node_bw_gbs == 40.0  # no more adapters used than GPUs in the node
+
+
+def test_tensor_fusion_pays_latency_per_buffer():
+    prof = replace(TOY, fusion_mb=64.0)
+    nbytes = 200 * pm.MB  # 64 + 64 + 64 + 8 MiB
+    t, _, calls = pm.allreduce_time(nbytes, 2, prof)
+    assert calls == 4
+    assert t == pytest.approx(pm.ring_allreduce_time(nbytes, 2, 10.0, 5.0) + 3 * 2 * 5e-6)
+    with pytest.raises(ValueError, match="n_tensors"):
+        pm.allreduce_time(nbytes, 2, replace(TOY, fusion_mb=0.0))
+    assert pm.allreduce_time(nbytes, 2, replace(TOY, fusion_mb=0.0), n_tensors=10)[2] == 10
+
+
+def test_overlap_hides_at_most_the_backward_pass():
+    prof = replace(TOY, overlap=0.5, cycle_ms=2.0)
+    comm = pm.allreduce_time(1e8, 2, prof)[0]
+    long = pm.predict_point(prof, 3.0, 1e8, 100, 1, 2)
+    assert long["exposed_comm_s"] == pytest.approx(0.5 * comm + 1e-3)  # half hidden, plus half a cycle
+    short = pm.predict_point(prof, 3e-3, 1e8, 100, 1, 2)  # backward (2 ms) hides less than half the comm
+    assert short["exposed_comm_s"] == pytest.approx(comm - 2e-3 + 1e-3)
+    assert pm.predict_point(prof, 3.0, 1e8, 100, 1, 1)["exposed_comm_s"] == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(pm.PROFILES))
+def test_efficiency_is_one_at_one_gpu_at_most_one_and_monotone(name):
+    for grad in (0.0, 1e3, 1e6, 3e8, 2e9):
+        for compute in (1e-3, 0.1, 2.0):
+            rows = pm.predict_table(name, compute, grad, 10_000, 2, gpus=range(1, 65))
+            eff = [r["efficiency"] for r in rows]
+            assert eff[0] == pytest.approx(1.0)
+            assert all(e <= 1.0 + 1e-12 for e in eff)
+            assert all(b <= a + 1e-12 for a, b in zip(eff, eff[1:])), (name, grad, compute)
+
+
+def test_predict_table_numbers():
+    rows = pm.predict_table(TOY, 0.5, 1e8, 1024, 4, gpus=[1, 2, 8])
+    one, two, eight = rows
+    assert [r["global_batch"] for r in rows] == [4, 8, 32]
+    assert one["epoch_s"] == pytest.approx(1024 / 4 * 0.5)
+    assert two["step_s"] == pytest.approx(0.5 + pm.ring_allreduce_time(1e8, 2, 10.0, 5.0))
+    for r in rows:
+        assert r["speedup"] == pytest.approx(one["epoch_s"] / r["epoch_s"])
+        assert r["efficiency"] == pytest.approx(one["step_s"] / r["step_s"])
+    assert eight["nodes"] == 2 and eight["algorithm"] == "flat ring"
+
+
+def test_compute_scaled_by_relative_throughput():
+    assert pm.compute_on(pm.PROFILES["study_p100_edr"], 1.0, "modern_h100_ndr") == pytest.approx(10.0)
+    assert pm.compute_on(pm.PROFILES["study_p100_edr"], 1.0) == 1.0
+    rows = pm.predict_table("modern_h100_ndr", 2.0, 1e6, 100, 1, gpus=[1], measured_on="cpu_this_machine")
+    assert rows[0]["compute_s"] == pytest.approx(2.0 * 0.01 / 10.0)
+
+
+def _measurements(lat_us: float, bw_gbs: float, worlds, grad=4e6, steps=50, compute=0.2, cycle_ms=1.0):
+    out = []
+    for p in worlds:
+        comm_step = 0.0 if p == 1 else 2 * (p - 1) * lat_us * 1e-6 + 2 * (p - 1) / p * grad / (bw_gbs * 1e9)
+        comm_step += cycle_ms * 1e-3 / 2 if p > 1 else 0.0
+        out.append(pm.Measurement(p, steps, steps * (compute + comm_step), steps * comm_step, grad, f"np{p}"))
+    return out
+
+
+def test_calibration_recovers_latency_and_bandwidth():
+    cal = pm.calibrate("cpu_this_machine", _measurements(80.0, 1.5, [1, 2, 3, 4]))
+    assert cal.method == "least squares"
+    assert cal.profile.intra_latency_us == pytest.approx(80.0, rel=1e-6)
+    assert cal.profile.intra_bw_gbs == pytest.approx(1.5, rel=1e-6)
+    assert cal.compute_step_s == pytest.approx(0.2)
+    assert all(abs(pt["error_pct"]) < 1e-6 for pt in cal.points)
+    assert any("error" in line for line in cal.lines())
+    # The calibrated profile then predicts an unseen world size exactly.
+    six = _measurements(80.0, 1.5, [6])[0]
+    pred = pm.predict_point(cal.profile, 0.2, six.grad_bytes, 50, 1, 6)
+    assert pred["step_s"] * 50 == pytest.approx(six.epoch_time_s, rel=1e-9)
+
+
+def test_calibration_with_one_world_size_uses_a_ratio_and_fits_that_point():
+    cal = pm.calibrate("cpu_this_machine", _measurements(300.0, 0.5, [1, 2]))
+    assert cal.method.startswith("ratio")
+    two = next(pt for pt in cal.points if pt["world_size"] == 2)
+    assert two["error_pct"] == pytest.approx(0.0, abs=1e-9)
+    assert pm.calibrate("cpu_this_machine", _measurements(1, 1, [1])).method.startswith("no multi-rank")
+    with pytest.raises(ValueError, match="at least one"):
+        pm.calibrate("cpu_this_machine", [])
+    with pytest.raises(ValueError, match="per node"):
+        pm.calibrate("study_p100_edr", _measurements(10, 10, [8]))
+
+
+def test_profiles_by_name_and_from_files(tmp_path):
+    assert pm.get_profile("study_p100_edr").gpus_per_node == 4
+    with pytest.raises(KeyError, match="unknown machine profile"):
+        pm.get_profile("nope")
+    y = tmp_path / "mine.yaml"
+    y.write_text("base: modern_h100_ndr\nnic_bw_gbs: 22.5\nnics_per_node: 4\n")
+    prof = pm.get_profile(y)
+    assert (prof.name, prof.nic_bw_gbs, prof.gpus_per_node) == ("mine", 22.5, 8)
+    j = tmp_path / "full.json"
+    j.write_text(json.dumps({**pm.profile_dict(pm.PROFILES["study_p100_edr"]), "name": "j"}))
+    assert pm.get_profile(j).name == "j"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: study_p100_edr\nbandwidth: 3\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml.*unknown keys \['bandwidth'\]"):
+        pm.get_profile(bad)
+    neg = tmp_path / "neg.yaml"
+    neg.write_text("base: study_p100_edr\noverlap: 1.5\n")
+    with pytest.raises(ValueError, match="neg.yaml.*overlap"):
+        pm.get_profile(neg)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        pm.get_profile(tmp_path / "missing.yaml")
+
+
+def test_predict_cli_prints_assumptions_and_64_gpu_efficiency(capsys):
+    args = [
+        "--profile",
+        "study_p100_edr",
+        "--step-time",
+        "0.5",
+        "--grad-bytes",
+        "7.6e7",
+        "--samples",
+        "800",
+        "--batch",
+        "2",
+    ]
+    assert predict_scaling.main(args) == 0
+    out = capsys.readouterr().out
+    assert "100 Gb/s EDR" in out and "fusion buffer 64 MiB" in out
+    assert "predicted efficiency at 64 GPUs on study_p100_edr" in out
+    assert predict_scaling.main([*args, "--json", "--overlap", "0", "--gpus", "1,64"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["gpus"] for r in rows] == [1, 64] and rows[1]["efficiency"] < 1
+    assert predict_scaling.main([*args, "--overlap", "2"]) == 2
+    assert "overlap" in capsys.readouterr().err
+    assert predict_scaling.main(["--profile", "nope", *args[2:]]) == 2
+    assert math.isfinite(rows[1]["epoch_s"])

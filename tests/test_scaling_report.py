@@ -1,0 +1,214 @@
+"""The scaling report on synthetic run folders: rows, numbers, files, predictions and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs import scaling_report
+from scaling.report import make_report
+from scaling.runs import RunFolderError, grad_bytes_from_checkpoint, load_run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+EPOCH_T1 = 12.0  # s per epoch of the real 1-GPU run
+BEST = {1: 0.80, 2: 0.79, 4: 0.80, 8: 0.79, 16: 0.78, 32: 0.77, 64: 0.72}
+
+
+def make_run(
+    root: Path,
+    name: str,
+    world_size: int,
+    simulate: int = 1,
+    epoch_time: float = EPOCH_T1,
+    comm: float = 0.0,
+    best: float = 0.8,
+    epochs: int = 6,
+    batch: int = 2,
+    samples: int = 64,
+    grad_bytes: float | None = 4e6,
+) -> Path:
+    """A run folder as hvdtrain.loop.fit writes it; val Dice rises linearly to `best` at the last epoch."""
+    d = root / name
+    d.mkdir(parents=True)
+    gpus = world_size * simulate
+    gb = batch * gpus
+    config = {
+        "batch_size_per_gpu": batch,
+        "accum": 1,
+        "simulate_gpus": simulate,
+        "world_size": world_size,
+        "gpus": gpus,
+        "global_batch": gb,
+    }
+    if grad_bytes is not None:
+        config["grad_bytes"] = grad_bytes
+    (d / "config.json").write_text(json.dumps(config))
+    lines = []
+    for e in range(epochs):
+        common = {"epoch": e, "world_size": world_size, "gpus": gpus, "global_batch": gb}
+        lines.append(
+            {
+                **common,
+                "split": "train",
+                "time_s": epoch_time,
+                "samples": samples,
+                "comm_s": comm,
+                "compute_s": epoch_time - comm,
+                "loss": 1.0 / (e + 1),
+            }
+        )
+        lines.append({**common, "split": "val", "time_s": 0.5, "dice": best * (e + 1) / epochs})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = {
+        "world_size": world_size,
+        "simulate_gpus": simulate,
+        "gpus": gpus,
+        "batch_size_per_gpu": batch,
+        "accum": 1,
+        "global_batch": gb,
+        "epochs": epochs,
+        "epoch_time_s": epoch_time,
+        "comm_fraction": comm / epoch_time,
+        "monitor": "dice",
+        "best_metric": best,
+        "best_epoch": epochs - 1,
+    }
+    (d / "summary.json").write_text(json.dumps(summary))
+    return d
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    # 32 steps/epoch at 1 GPU; the 2-rank run waits 0.5 s per epoch (16 steps) in the allreduce.
+    make_run(root, "real_np1", 1, best=BEST[1])
+    make_run(root, "real_np2", 2, epoch_time=6.5, comm=0.5, best=BEST[2])
+    for g in (4, 8, 16, 32, 64):
+        make_run(root, f"sim_{g}", 1, simulate=g, epoch_time=11.0, best=BEST[g])
+    return root
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_rows_numbers_and_files(runs: Path, tmp_path: Path, capsys):
+    out = tmp_path / "report"
+    rep = make_report([runs], out)
+    for name in ("scaling.md", "scaling.csv", "time_speedup.png", "dice_relative.png"):
+        assert (out / name).is_file(), name
+    for name in ("time_speedup.png", "dice_relative.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    rows = _csv(out / "scaling.csv")
+    assert [(int(r["gpus"]), r["kind"]) for r in rows] == [(1, "real"), (2, "real")] + [
+        (g, "simulated") for g in (4, 8, 16, 32, 64)
+    ]
+    by = {int(r["gpus"]): r for r in rows}
+    assert float(by[2]["speedup"]) == pytest.approx(EPOCH_T1 / 6.5, rel=1e-5)
+    assert float(by[2]["efficiency"]) == pytest.approx(EPOCH_T1 / 6.5 / 2, rel=1e-5)
+    assert float(by[1]["speedup"]) == pytest.approx(1.0)
+    for g, best in BEST.items():
+        assert float(by[g]["best_dice"]) == pytest.approx(best)
+        assert float(by[g]["dice_rel"]) == pytest.approx(best / BEST[1], rel=1e-5)
+        assert int(by[g]["global_batch"]) == 2 * g
+    # Simulated runs: no N-GPU time, speedup or efficiency; their wall time is kept apart.
+    assert by[64]["time_per_epoch_s"] == by[64]["speedup"] == by[64]["efficiency"] == ""
+    assert float(by[64]["wall_epoch_s"]) == 11.0
+    # Target 0.95 * 0.80 = 0.76; Dice = best * (e+1)/6 reaches it at e = 5 for best 0.8, never for 0.72.
+    assert rep.target == pytest.approx(0.76)
+    assert by[1]["epochs_to_target"] == "6" and by[64]["epochs_to_target"] == ""
+    md = (out / "scaling.md").read_text()
+    assert "| 64 | simulated | sim_64 |" in md and "not reached" in md and "90.0%" in md
+    printed = capsys.readouterr().out
+    assert "| 2 | real | real_np2 |" in printed
+
+
+def test_explicit_target_and_epochs(runs: Path, tmp_path: Path):
+    rep = make_report([runs], tmp_path / "r", target_dice=0.4, echo=None)
+    by = {r["gpus"]: r for r in rep.rows}
+    # 0.8 * (e+1)/6 >= 0.4 first at e = 2 -> 3 epochs; 0.72 * (e+1)/6 >= 0.4 at e = 3 -> 4 epochs.
+    assert by[1]["epochs_to_target"] == 3 and by[64]["epochs_to_target"] == 4
+
+
+def test_report_with_predictions_and_calibration(runs: Path, tmp_path: Path):
+    # Add a real 4-rank run so the CPU profile is fitted by least squares.
+    make_run(runs, "real_np4", 4, epoch_time=3.6, comm=0.6, best=0.8)
+    rep = make_report([runs], tmp_path / "p", predict=["study_p100_edr", "cpu_this_machine"], echo=None)
+    pred = [r for r in rep.rows if r["kind"] == "predicted"]
+    assert sorted({r["source"] for r in pred}) == ["cpu_this_machine", "study_p100_edr"]
+    assert len(pred) == 14
+    for r in pred:
+        assert 0 < r["efficiency"] <= 1.0 and r["speedup"] == pytest.approx(r["efficiency"] * r["gpus"])
+    text = "\n".join(rep.assumptions)
+    assert "calibration of cpu_this_machine (least squares)" in text and "error" in text
+    assert "100 Gb/s EDR" in text and "scaled by relative throughput" in text
+    assert "## Prediction assumptions" in (tmp_path / "p" / "scaling.md").read_text()
+    rows = _csv(tmp_path / "p" / "scaling.csv")
+    assert sum(r["kind"] == "predicted" for r in rows) == 14 and sum(r["kind"] == "real" for r in rows) == 3
+
+
+def test_duplicate_runs_all_kept(runs: Path, tmp_path: Path):
+    make_run(runs, "real_np1_b", 1, epoch_time=10.0, best=0.82)
+    rep = make_report([runs], tmp_path / "d", echo=None)
+    ones = [r for r in rep.rows if r["gpus"] == 1]
+    assert len(ones) == 2
+    assert rep.baseline_time == pytest.approx(11.0) and rep.baseline_dice == pytest.approx(0.81)
+    assert (tmp_path / "d" / "time_speedup.png").read_bytes()[:8] == PNG
+
+
+def test_missing_files_name_the_folder(runs: Path, tmp_path: Path, capsys):
+    (runs / "sim_8" / "summary.json").unlink()
+    with pytest.raises(RunFolderError, match=r"sim_8 has no summary\.json"):
+        make_report([runs], tmp_path / "x", echo=None)
+    (runs / "sim_16" / "metrics.jsonl").unlink()
+    with pytest.raises(RunFolderError, match=r"sim_16 has no metrics\.jsonl"):
+        load_run(runs / "sim_16")
+    with pytest.raises(RunFolderError, match="does not exist"):
+        load_run(tmp_path / "nowhere")
+    assert scaling_report.main([str(runs / "sim_8"), "--out", str(tmp_path / "x")]) == 2
+    assert "sim_8 has no summary.json" in capsys.readouterr().err
+
+
+def test_bad_content_errors(tmp_path: Path):
+    d = make_run(tmp_path, "bad", 1)
+    (d / "metrics.jsonl").write_text('{"epoch": 0, "split": "val", "dice": 0.5}\n{oops\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2"):
+        load_run(d)
+    d2 = make_run(tmp_path, "noval", 1)
+    (d2 / "metrics.jsonl").write_text('{"epoch": 0, "split": "train", "time_s": 1}\n')
+    with pytest.raises(ValueError, match="no validation values of 'dice'"):
+        load_run(d2)
+    d3 = make_run(tmp_path, "nows", 1)
+    (d3 / "summary.json").write_text("{}")
+    (d3 / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no 'world_size'"):
+        load_run(d3)
+    d4 = make_run(tmp_path, "nograd", 1, grad_bytes=None)
+    with pytest.raises(ValueError, match="--grad-bytes"):
+        make_report([d4], tmp_path / "o", predict=["study_p100_edr"], echo=None)
+    with pytest.raises(ValueError, match="no run folders"):
+        make_report([], tmp_path / "o", echo=None)
+
+
+def test_cli_writes_report(runs: Path, tmp_path: Path, capsys):
+    out = tmp_path / "cli"
+    argv = [str(runs / n) for n in ("real_np1", "real_np2", "sim_64")]
+    assert scaling_report.main([*argv, "--out", str(out), "--predict", "study_p100_edr", "--step-time", "0.3"]) == 0
+    assert "study_p100_edr" in capsys.readouterr().out
+    assert len(_csv(out / "scaling.csv")) == 3 + 7
+    assert scaling_report.main([*argv, "--out", str(out), "--predict", "nope"]) == 2
+    assert "unknown machine profile 'nope'" in capsys.readouterr().err
+
+
+def test_grad_bytes_from_checkpoint_skips_batchnorm_buffers(tmp_path: Path):
+    d = make_run(tmp_path, "ck", 1, grad_bytes=None)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.BatchNorm3d(4))
+    (d / "checkpoints").mkdir()
+    torch.save({"model": net.state_dict(), "epoch": 1}, d / "checkpoints" / "last.pt")
+    n_params = sum(p.numel() for p in net.parameters())
+    assert grad_bytes_from_checkpoint(load_run(d)) == 4 * n_params

@@ -1,0 +1,43 @@
+"""3D U-Net output shapes for odd sizes, norms, deep supervision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segmentation.unet import UNet3D
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch", "group"])
+def test_odd_input_shape(norm):
+    model = UNet3D(features=4, depth=3, norm=norm)
+    out = model(torch.randn(2, 1, 33, 34, 35))
+    assert out.shape == (2, 1, 33, 34, 35)
+
+
+def test_multichannel_and_depth():
+    model = UNet3D(in_channels=2, out_channels=3, features=4, depth=2, dropout=0.1).eval()
+    assert model(torch.randn(1, 2, 9, 16, 7)).shape == (1, 3, 9, 16, 7)
+
+
+def test_deep_supervision_outputs_in_training_only():
+    model = UNet3D(features=4, depth=3, deep_supervision=True)
+    outs = model(torch.randn(2, 1, 33, 34, 35))
+    assert [tuple(o.shape[2:]) for o in outs] == [(33, 34, 35), (17, 17, 18), (9, 9, 9)]
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 33, 34, 35)).shape == (1, 1, 33, 34, 35)
+
+
+def test_backward_reaches_every_parameter():
+    model = UNet3D(features=4, depth=2, deep_supervision=True)
+    outs = model(torch.randn(2, 1, 12, 12, 12))
+    sum(o.mean() for o in outs).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="norm"):
+        UNet3D(norm="layer")
+    with pytest.raises(ValueError, match="depth"):
+        UNet3D(depth=0)
