@@ -4,13 +4,16 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 NP ?= 2
 
-.PHONY: setup demo test test-fast lint format bench-allreduce bench-overhead clean
+.PHONY: setup demo demo-toy test test-fast lint format bench-allreduce bench-overhead clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	horovodrun -np $(NP) --gloo python -m jobs.demo --run-dir runs/demo
+	NP=$(NP) bash scripts/demo.sh
+
+demo-toy: setup
+	horovodrun -np $(NP) --gloo python -m jobs.demo --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -89,6 +89,9 @@ def _loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: in
         persistent_workers=num_workers > 0,
         # forkserver: fork after MPI/InfiniBand initialisation is unsafe (Horovod's examples do the same).
         multiprocessing_context="forkserver" if num_workers > 0 else None,
+        # Its own generator: otherwise every `iter(loader)` draws the workers' base seed from the global RNG,
+        # and a run resumed mid-epoch would see different dropout masks than an uninterrupted one.
+        generator=torch.Generator().manual_seed(getattr(sampler, "seed", 0)),
     )
 
 
@@ -123,6 +126,9 @@ def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     """Reseed the loader's shuffling (and the dataset's augmentation, when it has `set_epoch`) for `epoch`."""
     if isinstance(loader.sampler, ShardedTrainSampler):
         loader.sampler.set_epoch(epoch, skip_batches)
+        if loader.generator is not None:  # worker seeds follow (seed, epoch, rank), not the loader's history
+            s = loader.sampler
+            loader.generator.manual_seed((s.seed * 1_000_003 + epoch) * 4099 + s.rank)
     elif hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
     if hasattr(loader.dataset, "set_epoch"):

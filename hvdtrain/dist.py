@@ -72,7 +72,11 @@ def init(threads: int | None = None) -> DistInfo:
         if torch.cuda.is_available():
             # Pin before any CUDA allocation so nothing lands on GPU 0 by accident.
             torch.cuda.set_device(_info.local_rank % torch.cuda.device_count())
-    n = threads or max(1, (os.cpu_count() or 1) // _info.local_size)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    # An explicit count wins, then OMP_NUM_THREADS (what Slurm templates set from --cpus-per-task), then a share
+    # of the node's cores (affinity-aware: a Slurm step may own fewer cores than the node has).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = threads or (int(omp) if omp.isdigit() and int(omp) > 0 else max(1, cores // _info.local_size))
     torch.set_num_threads(n)
     return _info
 
@@ -135,14 +139,16 @@ def broadcast_object(obj: Any, root: int = 0) -> Any:
     """Rank `root`'s object on every rank (pickled; for configs, parameters and small results)."""
     if _hvd is None:
         return obj
-    return _hvd.broadcast_object(obj, root_rank=root)  # hvd:
+    # A fixed name: Horovod otherwise names the op after the object's type, and ranks passing different types
+    # (rank 0 a dict, the others None) wait on different collectives forever.
+    return _hvd.broadcast_object(obj, root_rank=root, name="broadcast_object")  # hvd:
 
 
 def allgather_object(obj: Any) -> list[Any]:
     """Every rank's object, in rank order, on every rank (for small per-case results)."""
     if _hvd is None:
         return [obj]
-    return _hvd.allgather_object(obj)  # hvd:
+    return _hvd.allgather_object(obj, name="allgather_object")  # hvd: fixed name, as in broadcast_object
 
 
 def barrier() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,13 +103,14 @@ def train_one_epoch(
     samples, comm_s, lr = 0, 0.0, schedule.lr_at(state.step)
     bar = tqdm(
         total=len(loader),
-        disable=not (dist.is_main() and cfg.progress),
+        disable=not (dist.is_main() and cfg.progress and sys.stderr.isatty()),  # no bars in batch-job logs
         desc=f"epoch {state.epoch}",
         leave=False,
         dynamic_ncols=True,
     )
-    preempted = False
-    for batch in loader:
+    preempted = after_epoch = False
+    n_batches = len(loader)
+    for i, batch in enumerate(loader):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, n = step_fn(model, batch, device)
         if not torch.isfinite(loss.detach()):
@@ -136,10 +138,19 @@ def train_one_epoch(
         optimizer.zero_grad()  # no set_to_none argument: Horovod's wrapper rejects it (horovod#3405)
         state.step += 1
         if preemption is not None and preemption.requested(state.step):
-            preempted = True
-            break
+            # On the epoch's last step, finish the epoch (validation, checkpoint) and stop after it instead.
+            preempted, after_epoch = i + 1 < n_batches, i + 1 == n_batches
+            if preempted:
+                break
     bar.close()
-    return {"loss_sum": loss_sum.item(), "samples": samples, "comm_s": comm_s, "lr": lr, "preempted": preempted}
+    return {
+        "loss_sum": loss_sum.item(),
+        "samples": samples,
+        "comm_s": comm_s,
+        "lr": lr,
+        "preempted": preempted,
+        "preempt_after_epoch": after_epoch,
+    }
 
 
 @torch.no_grad()
@@ -176,11 +187,8 @@ def _checkpoint_state(
     }
 
 
-def _restore(
-    ckpt: dict[str, Any], model: nn.Module, optimizer, schedule: LRSchedule, scaler, state: TrainState
-) -> None:
+def _restore(ckpt: dict[str, Any], model: nn.Module, schedule: LRSchedule, scaler, state: TrainState) -> None:
     checkpoint.unwrap(model).load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
     if scaler and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
@@ -189,6 +197,19 @@ def _restore(
     rngs = ckpt["rng"]
     if len(rngs) == dist.info().size:
         checkpoint.set_rng_state(rngs[dist.info().rank])
+
+
+def _stop_for_requeue(
+    model, optimizer, schedule, scaler, state: TrainState, config: dict, run_dir: Path, ckpt: dict | None = None
+) -> dict[str, Any]:
+    """Checkpoint to last.pt and leave a REQUEUE file for the job script; every rank returns."""
+    if ckpt is None:
+        ckpt = _checkpoint_state(model, optimizer, schedule, scaler, state, config)
+    if dist.is_main():
+        checkpoint.save(run_dir / "checkpoints" / "last.pt", ckpt)
+        (run_dir / "REQUEUE").write_text(f"preempted at epoch {state.epoch}, step {state.step}\n")
+    dist.print0(f"preempted: checkpoint at epoch {state.epoch} step {state.step}; REQUEUE written")
+    return {"preempted": True, "epoch": state.epoch, "step": state.step}
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -256,6 +277,7 @@ def fit(
     )
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype(cfg.amp, device) == torch.float16 else None
     state = TrainState()
+    ckpt = None
     if not cfg.resume and dist.is_main() and checkpoint.find_latest(run_dir) is not None:
         # Never overwrite a run's checkpoints by accident.
         raise FileExistsError(
@@ -265,12 +287,18 @@ def fit(
         path = checkpoint.find_latest(run_dir) if dist.is_main() else None
         ckpt = checkpoint.load_on_all_ranks(path)  # hvd: the resume state reaches every rank from rank 0
         if ckpt is not None:
-            _restore(ckpt, model, base_optimizer, schedule, scaler, state)
+            _restore(ckpt, model, schedule, scaler, state)
             dist.print0(f"resumed from {path} at epoch {state.epoch}, step {state.step}")
     optimizer = optim.distribute(base_optimizer, model, micro, cfg.fp16_allreduce, cfg.adasum)
+    if cfg.resume and ckpt is not None:
+        # After wrapping: hvd.DistributedOptimizer builds a new optimizer from the param groups and drops the
+        # state of the one it wraps (momentum buffers, Adam moments).
+        optimizer.load_state_dict(ckpt["optimizer"])
     if not (cfg.resume and state.step):
         optim.broadcast_parameters(model)  # hvd: identical starting weights everywhere
-    config.update(world_size=d.size, gpus=gpus, global_batch=global_batch, peak_lr=peak_lr)
+    # Bytes allreduced per step: the scaling model's input (communication time against GPU count).
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    config.update(world_size=d.size, gpus=gpus, global_batch=global_batch, peak_lr=peak_lr, grad_bytes=grad_bytes)
     log = RunLog(run_dir)
     log.write_json("config.json", config)
     if dist.is_main():
@@ -295,12 +323,7 @@ def fit(
                 model, train_loader, step_fn, optimizer, schedule, state, cfg, device, scaler, preemption
             )
             if tr["preempted"]:
-                ckpt = _checkpoint_state(model, optimizer, schedule, scaler, state, config)
-                if dist.is_main():
-                    checkpoint.save(ckpt_dir / "last.pt", ckpt)
-                    (run_dir / "REQUEUE").write_text(f"preempted at epoch {state.epoch}, step {state.step}\n")
-                dist.print0(f"preempted: checkpoint at epoch {state.epoch} step {state.step}; REQUEUE written")
-                return {"preempted": True, "epoch": state.epoch, "step": state.step}
+                return _stop_for_requeue(model, optimizer, schedule, scaler, state, config, run_dir)
             train_time = time.perf_counter() - t0
             totals = dist.allreduce(torch.tensor([tr["loss_sum"], tr["samples"], tr["comm_s"]], dtype=torch.float64))
             epoch = state.epoch
@@ -352,6 +375,8 @@ def fit(
                 checkpoint.save(ckpt_dir / "last.pt", ckpt)
                 if improved:  # a copy on disk, not a reference to the live model
                     checkpoint.save(ckpt_dir / "best.pt", ckpt)
+            if tr["preempt_after_epoch"] and state.epoch < cfg.epochs:
+                return _stop_for_requeue(model, optimizer, schedule, scaler, state, config, run_dir, ckpt)
     finally:
         Preemption.restore()
         log.close()
@@ -372,6 +397,8 @@ def fit(
         if epoch_times
         else None,
         "comm_fraction": comm_total / sum(epoch_times) if epoch_times else None,
+        "grad_bytes": grad_bytes,
+        "steps_per_epoch": steps_per_epoch,
         "monitor": monitor,
         "best_metric": state.best_metric,
         "best_epoch": state.best_epoch,

@@ -64,8 +64,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     the end, so that test sessions running side by side do not share (or stop) each other's cluster.
     """
     reason = _skip_reason()
+    if reason and os.geteuid() != 0:
+        pytest.skip(reason)  # starting munged/slurmctld needs root; CI runs as root
     if reason:
-        pytest.skip(reason)
+        pytest.fail(reason)  # `make setup` installs them as root: missing here means the set-up is broken
     folder = os.environ.get("HVDTRAIN_SLURM_DIR")
     own = not folder
     env_start = dict(os.environ)
@@ -222,8 +224,6 @@ def test_preempted_job_checkpoints_requeues_and_resumes(
 
 def test_unet_cpu_variant_on_phantoms(cluster: dict[str, str], jobs: list[str], tmp_path: Path) -> None:
     """sbatch slurm/unet_2cpu.sh (the U-Net job on CPUs, 2 ranks) on phantom CT, 2 epochs."""
-    if not (ROOT / "jobs" / "train_unet.py").exists():
-        pytest.skip("jobs/train_unet.py is not written yet")  # temporary: the U-Net trainer lands separately
     data = tmp_path / "phantoms"
     subprocess.run(
         [sys.executable, "-m", "jobs.make_phantoms", str(data), "--preset", "demo", "--n-train", "8", "--n-val", "4"],
