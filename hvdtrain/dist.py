@@ -117,6 +117,8 @@ def allreduce(x: Any, op: str = "sum", name: str | None = None) -> Any:
     # float64 keeps sums of counts exact; sum then divide so both ops share one code path.
     out = t.to(torch.float64) if not t.is_floating_point() else t.clone()
     if _hvd is not None:
+        # A stable name per shape: unnamed ops get a fresh name each call and flood Horovod's response cache.
+        name = name or f"allreduce.{tuple(out.shape)}.{out.dtype}"
         out = _hvd.allreduce(out, op=_hvd.Sum, name=name)  # hvd:
     if op == "mean":
         out = out / info().size
@@ -132,7 +134,8 @@ def allreduce_sum_grad(t: torch.Tensor) -> torch.Tensor:
     """Differentiable sum over ranks (identity with one rank): for losses that need global-batch statistics."""
     if _hvd is None:
         return t
-    return _hvd.allreduce(t, op=_hvd.Sum)  # hvd: horovod.torch's allreduce has an autograd function
+    # hvd: horovod.torch's allreduce has an autograd function; a stable name as in allreduce().
+    return _hvd.allreduce(t, op=_hvd.Sum, name=f"sum_grad.{tuple(t.shape)}.{t.dtype}")
 
 
 def broadcast_object(obj: Any, root: int = 0) -> Any:

@@ -110,7 +110,9 @@ def train_one_epoch(
     )
     preempted = after_epoch = False
     n_batches = len(loader)
+    data_s, t_data = 0.0, time.perf_counter()
     for i, batch in enumerate(loader):
+        data_s += time.perf_counter() - t_data  # waiting for the loader: the input pipeline's share of the step
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, n = step_fn(model, batch, device)
         if not torch.isfinite(loss.detach()):
@@ -122,6 +124,7 @@ def train_one_epoch(
         state.batch_in_epoch += 1
         bar.update(1)
         if state.batch_in_epoch % micro:
+            t_data = time.perf_counter()
             continue
         lr = schedule.apply(optimizer, state.step)
         t0 = time.perf_counter()
@@ -142,11 +145,13 @@ def train_one_epoch(
             preempted, after_epoch = i + 1 < n_batches, i + 1 == n_batches
             if preempted:
                 break
+        t_data = time.perf_counter()
     bar.close()
     return {
         "loss_sum": loss_sum.item(),
         "samples": samples,
         "comm_s": comm_s,
+        "data_s": data_s,
         "lr": lr,
         "preempted": preempted,
         "preempt_after_epoch": after_epoch,
@@ -325,7 +330,9 @@ def fit(
             if tr["preempted"]:
                 return _stop_for_requeue(model, optimizer, schedule, scaler, state, config, run_dir)
             train_time = time.perf_counter() - t0
-            totals = dist.allreduce(torch.tensor([tr["loss_sum"], tr["samples"], tr["comm_s"]], dtype=torch.float64))
+            totals = dist.allreduce(
+                torch.tensor([tr["loss_sum"], tr["samples"], tr["comm_s"], tr["data_s"]], dtype=torch.float64)
+            )
             epoch = state.epoch
             common = {
                 "epoch": epoch,
@@ -346,7 +353,8 @@ def fit(
                     "samples_per_s": samples / train_time,
                     "loss": float(totals[0]) / max(samples, 1),
                     "comm_s": comm_s,
-                    "compute_s": train_time - comm_s,
+                    "data_s": float(totals[3]) / d.size,  # mean over ranks, like comm_s
+                    "compute_s": train_time - comm_s - float(totals[3]) / d.size,
                 }
             )
             epoch_times.append(train_time)

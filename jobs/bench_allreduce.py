@@ -71,7 +71,7 @@ def worker(out: Path, max_mib: int) -> None:
     size = 1024
     while size <= max_mib << 20:
         t = torch.ones(size // 4, dtype=torch.float32)
-        sec = _time(lambda t=t: hvd.allreduce(t, op=hvd.Sum, name=f"ar{size}"))
+        sec = _time(lambda t=t, size=size: hvd.allreduce(t, op=hvd.Sum, name=f"ar{size}"))
         rows.append({"bytes": size, "time_s": sec, "busbw_gbps": size * 2 * (n - 1) / n / sec / 1e9})
         size *= 4
     # A backward pass's worth of small gradients: 128 tensors of 64 KiB submitted together (8 MiB in all).
@@ -83,7 +83,12 @@ def worker(out: Path, max_mib: int) -> None:
             hvd.synchronize(h)
 
     sec = _time(many, min_time=0.3, max_iters=200)
-    fused = {"tensors": len(grads), "bytes": 128 * 65536, "time_s": sec, "busbw_gbps": 8 * 2**20 * 2 * (n - 1) / n / sec / 1e9}
+    fused = {
+        "tensors": len(grads),
+        "bytes": 128 * 65536,
+        "time_s": sec,
+        "busbw_gbps": 8 * 2**20 * 2 * (n - 1) / n / sec / 1e9,
+    }
     if hvd.rank() == 0:
         out.write_text(json.dumps({"size": n, "rows": rows, "fused": fused}))
 
@@ -135,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         f = results[lab]["fused"]
         print(f"{lab:>22}: {f['time_s'] * 1e3:8.2f} ms / {f['busbw_gbps']:.3f} GB/s")
     big = {lab: results[lab]["rows"][-1]["busbw_gbps"] for lab in labels}
-    print(
-        f"\nlargest message: " + ", ".join(f"{lab} {v:.2f} GB/s ({v / mem:.0%} of memcpy)" for lab, v in big.items())
-    )
+    print("\nlargest message: " + ", ".join(f"{lab} {v:.2f} GB/s ({v / mem:.0%} of memcpy)" for lab, v in big.items()))
     return {"memcpy_gbps": mem, "results": results}
 
 

@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> dict:
         if splits.test:
             test_ds = subset_dataset(index, splits.test, cfg.image_size, cfg.resize_size or None, False)
             test_metric, _, _ = _best_result(
-                model, fold_dir, data.eval_loader(test_ds, cfg.eval_batch_size), metric_factory(names, len(test_ds)), cfg
+                model,
+                fold_dir,
+                data.eval_loader(test_ds, cfg.eval_batch_size),
+                metric_factory(names, len(test_ds)),
+                cfg,
             )
             test_results.append(test_metric.result)
             extra["test"] = test_metric.result.metrics

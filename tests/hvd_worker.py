@@ -1,7 +1,7 @@
 """Run under a launcher by tests/test_hvd_multirank.py (also as one plain process): checks that need real ranks.
 
-    python tests/hvd_worker.py collectives OUT
-    python tests/hvd_worker.py train OUT --batch B [--simulate-gpus N] [--accum K]
+python tests/hvd_worker.py collectives OUT
+python tests/hvd_worker.py train OUT --batch B [--simulate-gpus N] [--accum K]
 """
 
 from __future__ import annotations
@@ -43,9 +43,19 @@ def collectives(out: Path) -> None:
 def train(out: Path, batch: int, simulate_gpus: int, accum: int) -> None:
     d = dist.init(threads=1)
     torch.manual_seed(0)
-    cfg = TrainConfig(run_dir=str(out / "run"), epochs=2, batch_size_per_gpu=batch, lr=0.05, lr_rule="none",
-                      warmup_epochs=0, schedule="cosine", optimizer="sgd", simulate_gpus=simulate_gpus, accum=accum,
-                      progress=False)
+    cfg = TrainConfig(
+        run_dir=str(out / "run"),
+        epochs=2,
+        batch_size_per_gpu=batch,
+        lr=0.05,
+        lr_rule="none",
+        warmup_epochs=0,
+        schedule="cosine",
+        optimizer="sgd",
+        simulate_gpus=simulate_gpus,
+        accum=accum,
+        progress=False,
+    )
     loader = data.train_loader(make_blobs(96, seed=3), batch, seed=7, micro_per_step=accum * simulate_gpus)
     val = data.eval_loader(make_blobs(10, seed=4), 4)
     model = ToyNet(8, dropout=0.0)  # no dropout: masks would differ between batch layouts

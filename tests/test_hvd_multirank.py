@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import launch, run_cmd
 
 pytestmark = pytest.mark.multirank
