@@ -51,6 +51,7 @@ class TrainConfig:
     step_epochs: int = arg(30, "step schedule: decay every this many epochs")
     step_gamma: float = arg(0.1, "step/plateau schedule: decay factor")
     plateau_patience: int = arg(5, "plateau schedule: epochs without improvement before decaying")
+    plateau_monitor: str = arg("", "plateau schedule: validation value it watches (default: the best-checkpoint one)")
     poly_power: float = arg(0.9, "poly schedule exponent (nnU-Net uses 0.9)")
     optimizer: str = arg("adamw", "optimizer", ("sgd", "adamw", "lamb", "lars"))
     momentum: float = arg(0.9, "SGD/LARS momentum")

@@ -217,6 +217,13 @@ def _stop_for_requeue(
     return {"preempted": True, "epoch": state.epoch, "step": state.step}
 
 
+def _plateau_mode(plateau_monitor: str, monitor: str, mode: str) -> str:
+    """The plateau's direction: the checkpoint's `mode` for the same value, 'min' for a loss, else 'max'."""
+    if not plateau_monitor or plateau_monitor == monitor:
+        return mode
+    return "min" if "loss" in plateau_monitor else "max"
+
+
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     if value is None or math.isnan(value):
         return False
@@ -278,7 +285,7 @@ def fit(
         cfg.step_gamma,
         cfg.plateau_patience,
         cfg.poly_power,
-        mode,
+        _plateau_mode(cfg.plateau_monitor, monitor, mode),
     )
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype(cfg.amp, device) == torch.float16 else None
     state = TrainState()
@@ -360,12 +367,17 @@ def fit(
             epoch_times.append(train_time)
             comm_total += comm_s
             state.epoch, state.batch_in_epoch = epoch + 1, 0
-            value = None
+            value = plateau_value = None
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 t1 = time.perf_counter()
                 last_val = evaluate(model, val_loader, eval_fn, make_metric(), device, cfg.amp)
                 val_time = time.perf_counter() - t1
                 value = last_val.get(monitor)
+                if cfg.plateau_monitor and cfg.plateau_monitor not in last_val:
+                    raise ValueError(
+                        f"--plateau-monitor {cfg.plateau_monitor!r} is not a validation value: {sorted(last_val)}"
+                    )
+                plateau_value = last_val.get(cfg.plateau_monitor or monitor)
                 record = {**common, "split": "val", "time_s": val_time, **last_val}
                 log.log(record)
                 if on_epoch_end is not None:
@@ -374,7 +386,8 @@ def fit(
                     f"epoch {epoch}: train loss {float(totals[0]) / max(samples, 1):.4f}, "
                     + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items() if isinstance(v, float))
                 )
-            schedule.epoch_end(value)
+            # The reduced value, the same on every rank, so every rank decays the LR at the same epoch.
+            schedule.epoch_end(plateau_value)
             improved = _is_better(value, state.best_metric, mode)
             if improved:
                 state.best_metric, state.best_epoch = value, epoch
