@@ -4,13 +4,18 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 NP ?= 2
 
-.PHONY: setup demo demo-toy test test-fast lint format bench-allreduce bench-overhead clean
+.PHONY: setup demo demo-classifier demo-toy test test-fast lint format bench-allreduce bench-overhead clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	NP=$(NP) bash scripts/demo.sh
+
+demo-classifier: setup
+	test -d data/us || $(PY) -m jobs.make_ultrasound data/us --n-per-class 40 --size 128
+	horovodrun -np $(NP) --gloo python -m jobs.train_classifier --config jobs/configs/classifier_demo.yaml \
+		--data data/us --run-dir runs/cls_demo-$$(date +%Y%m%d-%H%M%S) --no-progress
 
 demo-toy: setup
 	horovodrun -np $(NP) --gloo python -m jobs.demo --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)

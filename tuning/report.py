@@ -75,7 +75,12 @@ def write_best(study: optuna.Study, out: Path) -> tuple[Path, Path]:
     ]
     out.mkdir(parents=True, exist_ok=True)
     yaml_path = out / "best.yaml"
-    yaml_path.write_text("\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
+    # One `field: value` line each (lists inline), as the presets in jobs/configs are written.
+    body = "".join(
+        yaml.safe_dump({k: v}, default_flow_style=None if isinstance(v, list) else False, width=1000)
+        for k, v in config.items()
+    )
+    yaml_path.write_text("\n".join(header) + "\n" + body)
     meta = {
         "task": task,
         "study": study.study_name,
