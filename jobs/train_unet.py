@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(UNetConfig, argv)
     dist.init(cfg.threads or None)
     torch.manual_seed(cfg.seed)
-    train_cases, val_cases = prepare_data(cfg)
+    train_cases, val_cases = prepare_data(cfg, progress=dist.is_main() and cfg.progress)
     dist.print0(f"{len(train_cases)} training / {len(val_cases)} validation cases from {cfg.data}")
     micro = cfg.accum * cfg.simulate_gpus
     train = data.train_loader(

@@ -42,6 +42,7 @@ from tuning.tasks import TASKS, Task, make_task
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jobs.tune",
+        allow_abbrev=False,  # a trainer flag must never be taken for an abbreviation of one of ours
         description=__doc__.splitlines()[0],
         epilog="Other flags are the trainer's (python -m jobs.train_unet --help, jobs.train_classifier --help).",
     )
@@ -78,6 +79,32 @@ def _plan_lines(args, cfg, space, storage_spec, study_dir: Path, direction: str,
     ]
 
 
+def _open(args, cfg, space, storage_spec, study_dir: Path, direction: str, monitor: str, parser):
+    """Rank 0: this worker's id and seed, the study (created or continued), its own dead trials re-queued."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    attrs = {"task": args.task, "monitor": monitor, "base_config": config_fields(cfg), "space": space.to_dict()}
+    try:
+        worker = claim_worker(study_dir, args.worker_id)
+        storage = open_storage(storage_spec, args.heartbeat, None, args.max_retry)
+        worker.seed = worker_seed(args.sampler_seed, worker.id, count_trials(storage, args.study))
+        sampler = make_sampler(args.sampler, worker.seed, args.startup_trials)
+        pruner = make_pruner(args.pruner, cfg.epochs, args.pruner_startup, args.pruner_warmup)
+        study = open_study(args.study, storage, sampler, pruner, direction, attrs)
+    except StudyError as e:
+        parser.error(str(e))
+    for line in _plan_lines(args, cfg, space, storage_spec, study_dir, direction, monitor):
+        print(line, flush=True)
+    print(f"worker {worker.id} ({worker.key}), sampler seed {worker.seed}", flush=True)
+    saved, now = study.user_attrs.get("base_config", {}), attrs["base_config"]
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if changed:
+        print(f"note: base config differs from the study's first worker in {', '.join(changed)}", flush=True)
+    orphans = reclaim_orphans(study, worker, args.max_retry)
+    if orphans:
+        print(f"trial(s) {orphans} of this worker were left RUNNING by a killed run: failed, queued again", flush=True)
+    return study, worker
+
+
 def main(argv: list[str] | None = None, task: Task | None = None) -> list[TrialResult]:
     """Run one worker; `task` replaces the built-in task object (tests wrap it to watch every rank)."""
     parser = _parser()
@@ -94,45 +121,12 @@ def main(argv: list[str] | None = None, task: Task | None = None) -> list[TrialR
     storage_spec = parse_storage(args.storage, study_dir)
     monitor, mode = task.monitor(cfg)
     direction = "maximize" if mode == "max" else "minimize"
+    plan = (args, cfg, space, storage_spec, study_dir, direction, monitor)
     if args.dry_run:
-        print(
-            "\n".join(
-                [
-                    "dry run: nothing trained",
-                    *_plan_lines(args, cfg, space, storage_spec, study_dir, direction, monitor),
-                ]
-            )
-        )
+        print("dry run: nothing trained\n" + "\n".join(_plan_lines(*plan)))
         return []
     dist.init(cfg.threads or None)
-    study = worker = None
-    if dist.is_main():
-        study_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            worker = claim_worker(study_dir, args.worker_id)
-            storage = open_storage(storage_spec, args.heartbeat, None, args.max_retry)
-            worker.seed = worker_seed(args.sampler_seed, worker.id, count_trials(storage, args.study))
-            attrs = {"task": args.task, "monitor": monitor, "base_config": config_fields(cfg), "space": space.to_dict()}
-            study = open_study(
-                args.study,
-                storage,
-                make_sampler(args.sampler, worker.seed, args.startup_trials),
-                make_pruner(args.pruner, cfg.epochs, args.pruner_startup, args.pruner_warmup),
-                direction,
-                attrs,
-            )
-        except StudyError as e:
-            parser.error(str(e))
-        for line in _plan_lines(args, cfg, space, storage_spec, study_dir, direction, monitor):
-            print(line, flush=True)
-        print(f"worker {worker.id} ({worker.key}), sampler seed {worker.seed}", flush=True)
-        changed = sorted(k for k in set(attrs["base_config"]) | set(study.user_attrs.get("base_config", {}))
-                         if attrs["base_config"].get(k) != study.user_attrs["base_config"].get(k))  # fmt: skip
-        if changed:
-            print(f"note: base config differs from the study's first worker in {', '.join(changed)}", flush=True)
-        orphans = reclaim_orphans(study, worker, args.max_retry)
-        if orphans:
-            print(f"trial(s) {orphans} of this worker were left RUNNING by a killed run: failed, queued again")
+    study, worker = _open(*plan, parser) if dist.is_main() else (None, None)
     dist.print0(task.prepare(cfg, study_dir))
     opts = RunOptions(args.trials, study_dir, args.timeout, args.max_trials, args.max_retry, args.keep_checkpoints)
     results = run_worker(task, cfg, space, opts, study, worker)

@@ -15,6 +15,7 @@ parameters again; the retry resumes from the killed trial's last checkpoint when
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import shutil
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from hvdtrain import checkpoint, dist, to_dict
@@ -125,6 +127,8 @@ def _ask(study: optuna.Study, space: SearchSpace, worker: Worker) -> tuple[optun
         params = space.suggest(trial)
         retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")  # noqa: SLF001
         if retry_of is not None:
+            if trial.user_attrs.get("error"):  # copied from the failed trial by the retry callback
+                trial.set_user_attr("error", "")
             return trial, params, int(retry_of)
         dup = _duplicate_of(study, trial.number, params)
         if dup is None:
@@ -267,4 +271,7 @@ def run_worker(
         results.append(result)
         if result.state == "PREEMPTED":
             break
+        gc.collect()  # the trial's model and optimizer: freed before the next one is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return results

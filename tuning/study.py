@@ -148,7 +148,9 @@ def parse_storage(text: str | None, study_dir: str | Path) -> StorageSpec:
 
 def retry_callback(max_retry: int) -> RetryHeartbeatStaleTrialCallback:
     """Re-queue a failed trial's parameters (up to `max_retry` times), keeping its reported epochs."""
-    return RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
 
 
 def open_storage(

@@ -126,29 +126,39 @@ class ClassifierTask(Task):
     def prepare(self, cfg: ClassifierConfig, study_dir: Path) -> str:
         if not cfg.data:
             raise ValueError("the classifier task needs --data (a class-per-folder root or a CSV manifest)")
-        prepared = None
-        if dist.is_main():  # rank 0 scans, hashes and splits; the other ranks get the result
-            index = load_index(cfg.data, cfg.classes or None, cfg.skip_bad)
-            splits = prepare_splits(index, study_dir, cfg.folds, cfg.split_seed, cfg.test_fraction, cfg.dedup_threshold)
-            if not 0 <= self.tune_fold < len(splits.folds):
-                raise ValueError(f"--tune-fold {self.tune_fold} is not one of the {len(splits.folds)} folds")
-            outer = splits.folds[self.tune_fold]
-            inner = grouped_kfold(splits.labels, splits.groups, cfg.folds, cfg.split_seed, outer.train)[0]
-            note = {
-                "outer_fold": self.tune_fold,
-                "train": inner.train,
-                "val": inner.val,
-                "never_seen": {"test": splits.test, "outer_fold_val": outer.val},
-            }
-            (Path(study_dir) / "tuning_split.json").write_text(json.dumps(note, indent=1))
-            prepared = (index, inner, len(splits.test), len(outer.val))
-        self.index, self.fold, n_test, n_outer_val = dist.broadcast_object(prepared)
+        prepared: Any = None
+        if dist.is_main():  # rank 0 scans, hashes and splits; the other ranks get the result (or its error)
+            try:
+                prepared = self._split(cfg, Path(study_dir))
+            except (OSError, ValueError) as e:
+                prepared = e
+        prepared = dist.broadcast_object(prepared)
+        if isinstance(prepared, Exception):
+            raise prepared
+        self.index, self.fold, n_test, n_outer_val = prepared
         held = f"test split {n_test}" if n_test else "no test split (set --test-fraction to keep one)"
         return (
             f"{cfg.data}: {self.index.describe()}; tuning on inner fold 0 of outer fold {self.tune_fold}'s training "
             f"part ({len(self.fold.train)} train / {len(self.fold.val)} val); never seen: {held}, "
             f"outer fold {self.tune_fold} validation {n_outer_val}"
         )
+
+    def _split(self, cfg: ClassifierConfig, study_dir: Path) -> tuple:
+        """Rank 0: the trainer's splits (saved in the study folder), then inner fold 0 of the tuned outer fold."""
+        index = load_index(cfg.data, cfg.classes or None, cfg.skip_bad)
+        splits = prepare_splits(index, study_dir, cfg.folds, cfg.split_seed, cfg.test_fraction, cfg.dedup_threshold)
+        if not 0 <= self.tune_fold < len(splits.folds):
+            raise ValueError(f"--tune-fold {self.tune_fold} is not one of the {len(splits.folds)} folds")
+        outer = splits.folds[self.tune_fold]
+        inner = grouped_kfold(splits.labels, splits.groups, cfg.folds, cfg.split_seed, outer.train)[0]
+        note = {
+            "outer_fold": self.tune_fold,
+            "train": inner.train,
+            "val": inner.val,
+            "never_seen": {"test": splits.test, "outer_fold_val": outer.val},
+        }
+        (study_dir / "tuning_split.json").write_text(json.dumps(note, indent=1))
+        return index, inner, len(splits.test), len(outer.val)
 
     def train(self, cfg: ClassifierConfig, on_epoch_end: OnEpochEnd) -> dict[str, Any]:
         index, fold = self.index, self.fold
