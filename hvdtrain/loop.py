@@ -28,7 +28,16 @@ from .optimizers import build_optimizer
 from .runlog import RunLog
 from .schedule import LRSchedule, scale_lr
 
-__all__ = ["TrainState", "Preemption", "train_one_epoch", "evaluate", "fit", "device_for", "autocast_dtype"]
+__all__ = [
+    "TrainState",
+    "Preemption",
+    "step_flags",
+    "train_one_epoch",
+    "evaluate",
+    "fit",
+    "device_for",
+    "autocast_dtype",
+]
 
 StepFn = Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, int]]
 EvalFn = Callable[[nn.Module, Any, torch.device, Metric], None]
@@ -45,15 +54,26 @@ class Preemption:
     def _handler(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         self.flag = True
 
-    def requested(self, step: int) -> bool:
-        """True on every rank when any rank was signalled: one scalar allreduce per optimizer step."""
-        local = self.flag or (self.at_step > 0 and step >= self.at_step)
-        return dist.allreduce(float(local), op="sum", name="preempt") > 0 if dist.uses_horovod() else local
+    def local(self, step: int) -> bool:
+        """This rank's view; `step_flags` makes the ranks agree."""
+        return self.flag or (self.at_step > 0 and step >= self.at_step)
 
     @staticmethod
     def restore() -> None:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
+
+
+def step_flags(preemption: Preemption | None, step: int, nonfinite: bool | torch.Tensor) -> tuple[bool, bool]:
+    """(stop for a preemption, some rank's loss was not finite), the same on every rank.
+
+    One small allreduce per optimizer step carries both, so a NaN on one rank stops every rank together instead of
+    leaving the others waiting in the next gradient allreduce.
+    """
+    local = torch.tensor([float(preemption is not None and preemption.local(step)), float(nonfinite)])
+    if dist.uses_horovod():
+        local = dist.allreduce(local, name="step_flags")
+    return bool(local[0] > 0), bool(local[1] > 0)
 
 
 @dataclass
@@ -109,14 +129,14 @@ def train_one_epoch(
         dynamic_ncols=True,
     )
     preempted = after_epoch = False
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     n_batches = len(loader)
     data_s, t_data = 0.0, time.perf_counter()
     for i, batch in enumerate(loader):
         data_s += time.perf_counter() - t_data  # waiting for the loader: the input pipeline's share of the step
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, n = step_fn(model, batch, device)
-        if not torch.isfinite(loss.detach()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {state.epoch}, step {state.step}")
+        nonfinite += ~torch.isfinite(loss.detach())  # checked once per step, with the other ranks
         # Each micro-batch's loss is its local mean: divide so the accumulated gradient is the step's mean.
         (scaler.scale(loss / micro) if scaler else loss / micro).backward()
         loss_sum += loss.detach().double() * n
@@ -130,6 +150,12 @@ def train_one_epoch(
         t0 = time.perf_counter()
         optim.synchronize(optimizer)  # hvd: wait for the allreduce so clipping/unscaling see averaged gradients
         comm_s += time.perf_counter() - t0
+        stop, diverged = step_flags(preemption, state.step + 1, nonfinite.item())
+        if diverged:  # before the step: the weights and the last checkpoint stay finite
+            raise FloatingPointError(
+                f"non-finite loss at epoch {state.epoch}, step {state.step}"
+                f"{'' if nonfinite.item() else ' on another rank'}: lower the learning rate or check the data"
+            )
         if scaler:
             scaler.unscale_(optimizer)
         if cfg.clip_grad > 0:
@@ -140,7 +166,7 @@ def train_one_epoch(
             scaler.update()
         optimizer.zero_grad()  # no set_to_none argument: Horovod's wrapper rejects it (horovod#3405)
         state.step += 1
-        if preemption is not None and preemption.requested(state.step):
+        if stop:
             # On the epoch's last step, finish the epoch (validation, checkpoint) and stop after it instead.
             preempted, after_epoch = i + 1 < n_batches, i + 1 == n_batches
             if preempted:

@@ -63,13 +63,34 @@ def train(out: Path, batch: int, simulate_gpus: int, accum: int) -> None:
     torch.save(model.state_dict(), out / f"weights_rank{d.rank}.pt")
 
 
+def nan(out: Path) -> None:
+    """Rank 1's loss turns NaN at its 4th micro-batch: every rank must stop with FloatingPointError, none hang."""
+    d = dist.init(threads=1)
+    calls = []
+
+    def bad_step(model, batch, device):
+        loss, n = step_fn(model, batch, device)
+        calls.append(1)
+        return (loss * float("nan") if d.rank == 1 and len(calls) == 4 else loss), n
+
+    cfg = TrainConfig(run_dir=str(out / "run"), epochs=1, batch_size_per_gpu=4, progress=False)
+    try:
+        fit(ToyNet(8), data.train_loader(make_blobs(64), 4), data.eval_loader(make_blobs(8), 4), bad_step, eval_fn,
+            ToyMetric, cfg)  # fmt: skip
+    except FloatingPointError as e:
+        (out / f"nan_rank{d.rank}.txt").write_text(str(e))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["collectives", "train"])
+    p.add_argument("what", choices=["collectives", "train", "nan"])
     p.add_argument("out", type=Path)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--simulate-gpus", type=int, default=1)
     p.add_argument("--accum", type=int, default=1)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    collectives(a.out) if a.what == "collectives" else train(a.out, a.batch, a.simulate_gpus, a.accum)
+    if a.what == "train":
+        train(a.out, a.batch, a.simulate_gpus, a.accum)
+    else:
+        {"collectives": collectives, "nan": nan}[a.what](a.out)

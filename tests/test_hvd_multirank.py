@@ -93,3 +93,10 @@ def test_resume_after_preemption_gives_the_same_weights(tmp_path):
     _assert_close(a["model"], b["model"], atol=1e-6)
     epochs = [json.loads(line)["epoch"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 0, 1, 1, 2, 2], "each epoch logged once (train + val) across the preemption"
+
+
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    launch(2, ["tests/hvd_worker.py", "nan", str(tmp_path)], timeout=120)
+    msgs = [(tmp_path / f"nan_rank{r}.txt").read_text() for r in (0, 1)]
+    assert "step 3 on another rank" in msgs[0] and msgs[1].startswith("non-finite loss at epoch 0, step 3:")
+    assert not (tmp_path / "run" / "checkpoints").exists(), "no checkpoint of diverged weights"
