@@ -7,18 +7,34 @@ count each validation image exactly once across ranks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from hvdtrain import data, fit, to_dict
+
+from .checkpoint import inference_config, load_pretrained
+from .config import ClassifierConfig, monitor_mode
 from .data import ImageDataset, ImageIndex
 from .metrics import ClassificationMetric
+from .models import build_model
 from .splits import Fold
 from .transforms import eval_transform, train_transform
 
-__all__ = ["class_weights", "make_loss", "make_step_fn", "eval_fn", "metric_factory", "fold_datasets", "subset_dataset"]
+__all__ = [
+    "class_weights",
+    "make_loss",
+    "make_step_fn",
+    "eval_fn",
+    "metric_factory",
+    "fold_datasets",
+    "subset_dataset",
+    "FoldRun",
+    "fold_run",
+]
 
 
 def class_weights(labels: Sequence[int] | np.ndarray, num_classes: int) -> torch.Tensor:
@@ -86,3 +102,55 @@ def fold_datasets(
         subset_dataset(index, fold.train, image_size, resize_size, augment),
         subset_dataset(index, fold.val, image_size, resize_size, False),
     )
+
+
+@dataclass
+class FoldRun:
+    """One fold's model, loaders, metric and loss, built the same way for `jobs.train_classifier` and `jobs.tune`."""
+
+    cfg: ClassifierConfig
+    model: nn.Module
+    train: Any  # DataLoader
+    val: Any  # DataLoader
+    make_metric: Callable[[], ClassificationMetric]
+    loss: nn.Module
+    config: dict[str, Any]
+
+    def fit(self, on_epoch_end: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        """`hvdtrain.fit` on this fold (a collective); its summary plus `train_samples`."""
+        summary = fit(
+            self.model,
+            self.train,
+            self.val,
+            make_step_fn(self.loss),
+            eval_fn,
+            self.make_metric,
+            self.cfg,
+            self.config,
+            monitor=self.cfg.monitor,
+            mode=monitor_mode(self.cfg.monitor),
+            on_epoch_end=on_epoch_end,
+        )
+        return {**summary, "train_samples": len(self.train.dataset)}
+
+
+def fold_run(
+    cfg: ClassifierConfig, index: ImageIndex, fold: Fold, extra_config: dict[str, Any] | None = None
+) -> FoldRun:
+    """Build a fold's run from `cfg` (its `run_dir` and `seed` are the fold's); the model is seeded by `cfg.seed`."""
+    names = index.class_names
+    train_ds, val_ds = fold_datasets(index, fold, cfg.image_size, cfg.resize_size or None, cfg.augment)
+    micro = cfg.accum * cfg.simulate_gpus
+    train = data.train_loader(train_ds, cfg.batch_size_per_gpu, cfg.seed, cfg.num_workers, micro_per_step=micro)
+    val = data.eval_loader(val_ds, cfg.eval_batch_size, cfg.num_workers)
+    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed (trials compare fairly)
+    model = build_model(cfg.model, len(names), cfg.dropout)
+    if cfg.weights:
+        load_pretrained(model, cfg.model, cfg.weights)
+    loss = make_loss(index.labels[fold.train], len(names), cfg.label_smoothing, cfg.class_weighted)
+    config = {
+        **to_dict(cfg),
+        **inference_config(cfg.model, names, cfg.dropout, cfg.image_size, cfg.resize_size),
+        **(extra_config or {}),
+    }
+    return FoldRun(cfg, model, train, val, metric_factory(names, len(val_ds)), loss, config)

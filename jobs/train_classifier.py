@@ -18,17 +18,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from classification.checkpoint import inference_config, load_pretrained
-from classification.config import ClassifierConfig, monitor_mode
+from classification.config import ClassifierConfig
 from classification.data import load_index
-from classification.engine import eval_fn, fold_datasets, make_loss, make_step_fn, metric_factory, subset_dataset
+from classification.engine import eval_fn, fold_run, metric_factory, subset_dataset
 from classification.metrics import ClassificationMetric, summarize_folds
-from classification.models import build_model
 from classification.report import format_mean_std, write_fold, write_summary
 from classification.splits import prepare_splits
-from hvdtrain import checkpoint, data, dist, fit, parse_config, to_dict
+from hvdtrain import checkpoint, data, dist, parse_config
 from hvdtrain.loop import device_for, evaluate
 
 
@@ -51,51 +48,33 @@ def main(argv: list[str] | None = None) -> dict:
     # Rank 0 scans, hashes and splits; the other ranks get the same index and folds (no file races).
     prepared = None
     if dist.is_main():
-        index = load_index(cfg.data, cfg.classes or None, cfg.skip_bad)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        splits = prepare_splits(index, run_dir, cfg.folds, cfg.split_seed, cfg.test_fraction, cfg.dedup_threshold)
-        prepared = (index, splits)
-    index, splits = dist.broadcast_object(prepared)
+        try:
+            index = load_index(cfg.data, cfg.classes or None, cfg.skip_bad)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            splits = prepare_splits(index, run_dir, cfg.folds, cfg.split_seed, cfg.test_fraction, cfg.dedup_threshold)
+            prepared = (index, splits)
+        except (OSError, ValueError) as e:  # every rank raises it, instead of waiting for rank 0
+            prepared = e
+    prepared = dist.broadcast_object(prepared)
+    if isinstance(prepared, Exception):
+        raise SystemExit(f"train_classifier: {prepared}")
+    index, splits = prepared
     dist.print0(f"{cfg.data}: {index.describe()}; {splits.describe()}")
     names = index.class_names
     folds = range(len(splits.folds)) if cfg.fold < 0 else [cfg.fold]
     results, extras, test_results = [], [], []
-    base_config = {**to_dict(cfg), **inference_config(cfg.model, names, cfg.dropout, cfg.image_size, cfg.resize_size)}
     for k in folds:
         fold = splits.folds[k]
         fold_dir = run_dir / f"fold_{k}"
         fold_cfg = dataclasses.replace(cfg, run_dir=str(fold_dir), seed=cfg.seed + k)
-        train_ds, val_ds = fold_datasets(index, fold, cfg.image_size, cfg.resize_size or None, cfg.augment)
-        val = data.eval_loader(val_ds, cfg.eval_batch_size, cfg.num_workers)
-        make_metric = metric_factory(names, len(val_ds))
-        torch.manual_seed(fold_cfg.seed)
-        model = build_model(cfg.model, len(names), cfg.dropout)
-        if cfg.weights:
-            load_pretrained(model, cfg.model, cfg.weights)
-        done = (fold_dir / "summary.json").is_file() and cfg.resume
-        if done:
+        run = fold_run(fold_cfg, index, fold, {"fold": k})
+        if cfg.resume and (fold_dir / "summary.json").is_file():
             dist.print0(f"fold {k}: finished earlier, re-reading its best checkpoint")
         else:
-            micro = cfg.accum * cfg.simulate_gpus
-            train = data.train_loader(
-                train_ds, cfg.batch_size_per_gpu, fold_cfg.seed, cfg.num_workers, micro_per_step=micro
-            )
-            labels = index.labels[fold.train]
-            dist.print0(f"fold {k}: {len(train_ds)} training / {len(val_ds)} validation images")
-            summary = fit(
-                model,
-                train,
-                val,
-                make_step_fn(make_loss(labels, len(names), cfg.label_smoothing, cfg.class_weighted)),
-                eval_fn,
-                make_metric,
-                fold_cfg,
-                {**base_config, "run_dir": str(fold_dir), "seed": fold_cfg.seed, "fold": k},
-                monitor=cfg.monitor,
-                mode=monitor_mode(cfg.monitor),
-            )
-            if summary["preempted"]:
+            dist.print0(f"fold {k}: {len(run.train.dataset)} training / {len(run.val.dataset)} validation images")
+            if run.fit()["preempted"]:
                 return {"preempted": True, "fold": k}
+        model, val, make_metric = run.model, run.val, run.make_metric
         metric, values, best_epoch = _best_result(model, fold_dir, val, make_metric, cfg)
         results.append(metric.result)
         extra = {"best_epoch": best_epoch, "checkpoint": str(fold_dir / "checkpoints" / "best.pt")}

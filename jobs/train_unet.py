@@ -12,50 +12,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from hvdtrain import checkpoint, data, dist, fit, parse_config
+from hvdtrain import checkpoint, dist, parse_config
 from hvdtrain.loop import device_for, evaluate
 from segmentation.config import UNetConfig
-from segmentation.engine import (
-    build_model,
-    checkpoint_config,
-    make_eval_fn,
-    make_loss,
-    make_step_fn,
-    model_kwargs,
-    patch_dataset,
-    prepare_data,
-)
+from segmentation.engine import fit_unet, prepare_data
 from segmentation.metrics import DiceMetric, write_per_case_csv
-from segmentation.sampling import VolumeDataset
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(UNetConfig, argv)
     dist.init(cfg.threads or None)
-    torch.manual_seed(cfg.seed)
     train_cases, val_cases = prepare_data(cfg, progress=dist.is_main() and cfg.progress)
     dist.print0(f"{len(train_cases)} training / {len(val_cases)} validation cases from {cfg.data}")
-    micro = cfg.accum * cfg.simulate_gpus
-    train = data.train_loader(
-        patch_dataset(cfg, train_cases), cfg.batch_size_per_gpu, cfg.seed, cfg.num_workers, micro_per_step=micro
-    )
-    val = data.eval_loader(VolumeDataset(val_cases), 1, cfg.num_workers)
-    model = build_model(model_kwargs(cfg))
-    eval_fn = make_eval_fn(cfg)
-    summary = fit(
-        model,
-        train,
-        val,
-        make_step_fn(make_loss(cfg)),
-        eval_fn,
-        DiceMetric,
-        cfg,
-        checkpoint_config(cfg),
-        monitor=cfg.monitor,
-        mode="max",
-    )
+    summary, model, val, eval_fn = fit_unet(cfg, train_cases, val_cases)
     if summary["preempted"]:
         return summary
     # Per-case Dice of the best checkpoint (rank 0 wrote it; every rank reads it through a broadcast).

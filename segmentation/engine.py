@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hvdtrain import dist
+from hvdtrain import data, dist, fit
 from hvdtrain.config import to_dict
 
 from .config import UNetConfig
@@ -41,7 +41,7 @@ from .io import Case, EmptyDatasetError, list_cases, read_nifti
 from .losses import DeepSupervisionLoss, DiceLoss
 from .metrics import DiceMetric
 from .preprocess import CachedCase, PreprocessParams, invert_to_original, preprocess_arrays, preprocess_dataset
-from .sampling import Augment, PatchDataset
+from .sampling import Augment, PatchDataset, VolumeDataset
 from .unet import UNet3D
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "make_loss",
     "make_step_fn",
     "make_eval_fn",
+    "fit_unet",
     "Predictor",
     "model_from_checkpoint",
 ]
@@ -181,6 +182,39 @@ def make_eval_fn(cfg: UNetConfig) -> Callable[[nn.Module, Any, torch.device, Dic
             metric.update(case_id, prob > cfg.threshold, label[0].numpy())
 
     return eval_fn
+
+
+def fit_unet(
+    cfg: UNetConfig,
+    train_cases: Sequence[CachedCase],
+    val_cases: Sequence[CachedCase],
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> tuple[dict[str, Any], nn.Module, Any, Callable]:
+    """The U-Net's training run, shared by `jobs.train_unet` and `jobs.tune` (a collective: every rank calls it).
+
+    Returns (the `hvdtrain.fit` summary plus `train_samples`, the model, the validation loader, its eval_fn).
+    """
+    ds = patch_dataset(cfg, train_cases)
+    micro = cfg.accum * cfg.simulate_gpus
+    train = data.train_loader(ds, cfg.batch_size_per_gpu, cfg.seed, cfg.num_workers, micro_per_step=micro)
+    val = data.eval_loader(VolumeDataset(val_cases), 1, cfg.num_workers)
+    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed (trials compare fairly)
+    model = build_model(model_kwargs(cfg))
+    eval_fn = make_eval_fn(cfg)
+    summary = fit(
+        model,
+        train,
+        val,
+        make_step_fn(make_loss(cfg)),
+        eval_fn,
+        DiceMetric,
+        cfg,
+        checkpoint_config(cfg),
+        monitor=cfg.monitor,
+        mode="max",
+        on_epoch_end=on_epoch_end,
+    )
+    return {**summary, "train_samples": len(ds)}, model, val, eval_fn
 
 
 def _config_section(config: dict[str, Any], key: str) -> dict[str, Any]:

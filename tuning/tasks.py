@@ -21,29 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from classification.checkpoint import inference_config, load_pretrained
 from classification.config import ClassifierConfig, monitor_mode
 from classification.data import load_index
-from classification.engine import eval_fn as classifier_eval_fn
-from classification.engine import fold_datasets, make_loss, make_step_fn, metric_factory
-from classification.models import build_model as build_classifier
+from classification.engine import fold_run
 from classification.splits import Fold, grouped_kfold, prepare_splits
-from hvdtrain import data, dist, fit, to_dict
+from hvdtrain import dist
 from segmentation.config import UNetConfig
-from segmentation.engine import (
-    build_model,
-    checkpoint_config,
-    make_eval_fn,
-    model_kwargs,
-    patch_dataset,
-    prepare_data,
-)
-from segmentation.engine import make_loss as make_seg_loss
-from segmentation.engine import make_step_fn as make_seg_step_fn
-from segmentation.metrics import DiceMetric
-from segmentation.sampling import VolumeDataset
+from segmentation.engine import fit_unet, prepare_data
 
 __all__ = ["Task", "UNetTask", "ClassifierTask", "TASKS", "make_task"]
 
@@ -87,26 +71,7 @@ class UNetTask(Task):
 
     def train(self, cfg: UNetConfig, on_epoch_end: OnEpochEnd) -> dict[str, Any]:
         train_cases, val_cases = prepare_data(cfg, progress=False)  # per trial: a trial may change preprocessing
-        ds = patch_dataset(cfg, train_cases)
-        micro = cfg.accum * cfg.simulate_gpus
-        train = data.train_loader(ds, cfg.batch_size_per_gpu, cfg.seed, cfg.num_workers, micro_per_step=micro)
-        val = data.eval_loader(VolumeDataset(val_cases), 1, cfg.num_workers)
-        torch.manual_seed(cfg.seed)  # every trial starts from the same initial weights
-        model = build_model(model_kwargs(cfg))
-        summary = fit(
-            model,
-            train,
-            val,
-            make_seg_step_fn(make_seg_loss(cfg)),
-            make_eval_fn(cfg),
-            DiceMetric,
-            cfg,
-            checkpoint_config(cfg),
-            monitor=cfg.monitor,
-            mode="max",
-            on_epoch_end=on_epoch_end,
-        )
-        return {**summary, "train_samples": len(ds)}
+        return fit_unet(cfg, train_cases, val_cases, on_epoch_end)[0]
 
 
 class ClassifierTask(Task):
@@ -164,31 +129,7 @@ class ClassifierTask(Task):
         index, fold = self.index, self.fold
         if index is None or fold is None:
             raise RuntimeError("ClassifierTask.prepare must run before train")
-        names = index.class_names
-        train_ds, val_ds = fold_datasets(index, fold, cfg.image_size, cfg.resize_size or None, cfg.augment)
-        micro = cfg.accum * cfg.simulate_gpus
-        train = data.train_loader(train_ds, cfg.batch_size_per_gpu, cfg.seed, cfg.num_workers, micro_per_step=micro)
-        val = data.eval_loader(val_ds, cfg.eval_batch_size, cfg.num_workers)
-        torch.manual_seed(cfg.seed)  # every trial starts from the same initial weights
-        model = build_classifier(cfg.model, len(names), cfg.dropout)
-        if cfg.weights:
-            load_pretrained(model, cfg.model, cfg.weights)
-        loss = make_loss(index.labels[fold.train], len(names), cfg.label_smoothing, cfg.class_weighted)
-        config = {**to_dict(cfg), **inference_config(cfg.model, names, cfg.dropout, cfg.image_size, cfg.resize_size)}
-        summary = fit(
-            model,
-            train,
-            val,
-            make_step_fn(loss),
-            classifier_eval_fn,
-            metric_factory(names, len(val_ds)),
-            cfg,
-            config,
-            monitor=cfg.monitor,
-            mode=monitor_mode(cfg.monitor),
-            on_epoch_end=on_epoch_end,
-        )
-        return {**summary, "train_samples": len(train_ds)}
+        return fold_run(cfg, index, fold).fit(on_epoch_end)
 
 
 TASKS: dict[str, type[Task]] = {"unet": UNetTask, "classifier": ClassifierTask}
