@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 NP ?= 2
 
-.PHONY: setup demo demo-classifier demo-toy test test-fast lint format bench-allreduce bench-overhead clean
+.PHONY: setup demo demo-classifier demo-toy test test-fast lint format bench-allreduce bench-overhead bench-unet bench-classifier clean
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +38,12 @@ bench-allreduce: setup
 
 bench-overhead: setup
 	$(PY) -m jobs.bench_overhead
+
+bench-unet: setup
+	$(PY) -m jobs.bench_unet
+
+bench-classifier: setup
+	$(PY) -m jobs.bench_classifier
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

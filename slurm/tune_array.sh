@@ -81,7 +81,7 @@ echo "$(date -Is) job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (restart ${SL
 # not take it from sbatch and would pin each rank to one CPU. --kill-on-bad-exit: one failed rank ends
 # the step instead of leaving the others waiting in an allreduce.
 srun --mpi=pmix --ntasks="$SLURM_NTASKS" --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \
-    python -m jobs.tune --task unet --config jobs/configs/unet_lung.yaml --trials 4 --study "$STUDY" --storage "$STORAGE" "$@" &
+    python -m jobs.tune --task unet --config jobs/configs/unet_lung.yaml --trials 4 --max-trials 32 --study "$STUDY" --storage "$STORAGE" "$@" &
 launcher=$!
 forward() { kill -s "$1" "$launcher" 2>/dev/null || true; }
 # A USR1 sent to this shell (e.g. scancel --batch --signal=USR1 <job>) goes on to the ranks.
