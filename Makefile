@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 NP ?= 2
 
-.PHONY: setup demo demo-classifier demo-toy test test-fast lint format bench-allreduce bench-overhead bench-unet bench-classifier clean
+.PHONY: setup demo demo-classifier demo-toy test test-fast lint format bench-allreduce bench-overhead bench-unet bench-classifier bench-scaling clean
 
 setup:
 	@bash scripts/setup.sh
@@ -44,6 +44,9 @@ bench-unet: setup
 
 bench-classifier: setup
 	$(PY) -m jobs.bench_classifier
+
+bench-scaling: setup
+	$(PY) -m jobs.bench_scaling
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
