@@ -1,0 +1,555 @@
+"""Unit tests of each hvdtrain piece in one process (the multi-rank behaviour is in test_hvd_multirank.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from hvdtrain import TrainConfig, checkpoint, data, dist, fit, optim, parse_config, to_dict
+from hvdtrain.config import ConfigError, load_yaml
+from hvdtrain.loop import autocast_dtype, evaluate
+from hvdtrain.metrics import MeanMetric, SumMetric
+from hvdtrain.optimizers import LAMB, LARS, build_optimizer, param_groups
+from hvdtrain.runlog import RunLog
+from hvdtrain.schedule import LRSchedule, scale_lr
+from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_rank():
+    dist.init(threads=1)
+
+
+# ---------------------------------------------------------------- dist
+
+
+def test_one_process_is_rank_zero_of_one_without_horovod():
+    d = dist.info()
+    assert (d.rank, d.local_rank, d.size, d.local_size) == (0, 0, 1, 1)
+    assert dist.is_main() and not dist.uses_horovod()
+    assert "horovod.torch" not in sys.modules  # one process never imports Horovod
+
+
+def test_allreduce_keeps_the_kind_of_its_input():
+    assert dist.allreduce(3) == 3 and isinstance(dist.allreduce(3), int)
+    assert dist.allreduce(2.5, op="mean") == 2.5
+    a = dist.allreduce(np.array([1, 2], dtype=np.int32))
+    assert a.dtype == np.int32 and a.tolist() == [1, 2]
+    t = dist.allreduce(torch.tensor([1, 3]), op="mean")  # a mean of integers is a float
+    assert t.is_floating_point() and t.tolist() == [1.0, 3.0]
+    x = torch.ones(2, requires_grad=True)
+    assert not dist.allreduce(x).requires_grad
+    with pytest.raises(ValueError, match="'sum' or 'mean'"):
+        dist.allreduce(1, op="max")
+    with pytest.raises(TypeError, match="str"):
+        dist.allreduce("1")
+
+
+def test_objects_and_print0_on_one_rank(capsys):
+    assert dist.broadcast_object({"a": 1}) == {"a": 1}
+    assert dist.allgather_object(7) == [7]
+    dist.barrier()
+    dist.print0("hello", 1)
+    assert capsys.readouterr().out == "hello 1\n"
+    t = torch.ones(2, requires_grad=True)
+    assert dist.allreduce_sum_grad(t) is t
+
+
+def _threads_in_fresh_process(env: dict[str, str]) -> int:
+    code = "from hvdtrain import dist; import torch; dist.init(); print(torch.get_num_threads())"
+    base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**base, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return int(p.stdout.split()[-1])
+
+
+def test_thread_count_follows_omp_num_threads_then_the_cores():
+    assert _threads_in_fresh_process({"OMP_NUM_THREADS": "1"}) == 1
+    cores = len(os.sched_getaffinity(0))
+    assert _threads_in_fresh_process({}) == cores  # one local rank owns every core it may run on
+
+
+# ---------------------------------------------------------------- data
+
+
+def _batches(sampler: data.ShardedTrainSampler, batch: int) -> list[list[int]]:
+    idx = list(sampler)
+    return [idx[i : i + batch] for i in range(0, len(idx), batch)]
+
+
+def test_sharded_ranks_together_see_the_one_rank_global_batches():
+    n, b = 23, 2
+    one = _batches(data.ShardedTrainSampler(n, 2 * b, rank=0, size=1, seed=5), 2 * b)
+    r0 = _batches(data.ShardedTrainSampler(n, b, rank=0, size=2, seed=5), b)
+    r1 = _batches(data.ShardedTrainSampler(n, b, rank=1, size=2, seed=5), b)
+    assert len(r0) == len(r1) == len(one) == 23 // 4  # equal steps on every rank, the ragged tail dropped
+    for g, a, c in zip(one, r0, r1):
+        assert sorted(a + c) == sorted(g)
+    flat = [i for bt in r0 + r1 for i in bt]
+    assert len(flat) == len(set(flat))  # no sample twice in an epoch
+
+
+def test_sharded_sampler_reshuffles_per_epoch_reproducibly_and_resumes_mid_epoch():
+    s = data.ShardedTrainSampler(40, 4, rank=1, size=2, seed=3)
+    e0 = list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert e0 != e1 and sorted(e0) != list(range(40))
+    s2 = data.ShardedTrainSampler(40, 4, rank=1, size=2, seed=3)
+    s2.set_epoch(1)
+    assert list(s2) == e1
+    s2.set_epoch(1, skip_batches=2)
+    assert list(s2) == e1[8:] and len(s2) == len(e1) - 8
+    assert list(data.ShardedTrainSampler(40, 4, 0, 2, seed=4)) != list(data.ShardedTrainSampler(40, 4, 0, 2, seed=3))
+
+
+def test_sharded_sampler_holds_whole_accumulation_steps_and_rejects_tiny_sets():
+    s = data.ShardedTrainSampler(50, 2, rank=0, size=2, micro_per_step=3)  # global step = 12 samples
+    assert len(s) == 50 // 12 * 3 * 2
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        data.ShardedTrainSampler(7, 2, rank=0, size=2, micro_per_step=2)
+
+
+@pytest.mark.parametrize("n,size", [(5, 2), (1, 4), (8, 3), (0, 2)])
+def test_evaluation_shards_visit_each_sample_exactly_once(n, size):
+    shards = [list(data.EvalShardSampler(n, r, size)) for r in range(size)]
+    assert sorted(i for s in shards for i in s) == list(range(n))
+    assert [len(data.EvalShardSampler(n, r, size)) for r in range(size)] == [len(s) for s in shards]
+
+
+class _EpochAware(Dataset):
+    def __init__(self):
+        self.epochs: list[int] = []
+
+    def set_epoch(self, e: int) -> None:
+        self.epochs.append(e)
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor(i)
+
+
+def test_set_epoch_reaches_sampler_dataset_and_worker_seed():
+    ds = _EpochAware()
+    loader = data.train_loader(ds, 2, seed=1)
+    data.set_epoch(loader, 3, skip_batches=1)
+    assert ds.epochs == [3] and loader.sampler.epoch == 3 and len(loader) == 3
+    first = loader.generator.initial_seed()
+    data.set_epoch(loader, 3)
+    assert loader.generator.initial_seed() == first  # from (seed, epoch, rank), not the loader's history
+    data.set_epoch(loader, 4)
+    assert loader.generator.initial_seed() != first
+    ev = data.eval_loader(TensorDataset(torch.arange(5)), batch_size=2)
+    assert [int(i) for (b,) in ev for i in b] == [0, 1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_accumulate_locally_and_finalize():
+    m = MeanMetric("loss")
+    assert math.isnan(m.compute()["loss"])  # nothing seen: NaN, not a division error
+    m.update(3.0, 2)
+    m.update(1.0, 2)
+    assert m.compute() == {"loss": 1.0, "count": 4.0}
+    m.reset()
+    assert m.compute()["count"] == 0
+    s = SumMetric("tp", "fn")
+    s.add(tp=2, fn=1)
+    s.add(tp=1)
+    assert s.compute() == {"tp": 3.0, "fn": 1.0}
+    with pytest.raises(ValueError):
+        s.add(fp=1)
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg(TrainConfig):
+    patch: tuple[int, ...] = (8, 8)
+    name: str = "x"
+
+
+def test_config_precedence_defaults_then_yaml_then_flags(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("epochs: 7\nlr: 1\nbatch-size-per-gpu: 3\npatch: [4, 4, 4]\nprogress: true\n")
+    cfg = parse_config(_Cfg, ["--config", str(yml), "--lr", "0.5", "--no-progress"])
+    assert (cfg.epochs, cfg.lr, cfg.batch_size_per_gpu, cfg.patch, cfg.progress) == (7, 0.5, 3, (4, 4, 4), False)
+    assert isinstance(parse_config(_Cfg, ["--config", str(yml)]).lr, float)  # 1 in YAML is still a float
+    assert parse_config(_Cfg, []).epochs == TrainConfig().epochs
+    assert to_dict(cfg)["patch"] == [4, 4, 4]
+    assert json.loads(json.dumps(to_dict(cfg)))["name"] == "x"
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("epochz: 3\n", "unknown field(s) epochz"),
+        ("lr_rule: cubic\n", "lr_rule='cubic' is not one of"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+        ("a: [1\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_files_exit_with_the_file_and_the_problem(tmp_path, capsys, text, message):
+    yml = tmp_path / "bad.yaml"
+    yml.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        parse_config(_Cfg, ["--config", str(yml)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and str(yml) in err
+
+
+def test_missing_config_file_and_bad_flag_choice(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "nope.yaml")
+    with pytest.raises(SystemExit):
+        parse_config(_Cfg, ["--optimizer", "rmsprop"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_lr_scaling_rules():
+    assert scale_lr(0.1, "linear", 8) == pytest.approx(0.8)
+    assert scale_lr(0.1, "sqrt", 16) == pytest.approx(0.4)
+    assert scale_lr(0.1, "none", 64) == 0.1
+    with pytest.raises(ValueError, match="unknown lr rule"):
+        scale_lr(0.1, "log", 2)
+    with pytest.raises(ValueError, match=">= 1"):
+        scale_lr(0.1, "linear", 0)
+
+
+def test_warmup_ramps_from_base_to_peak_then_each_decay():
+    s = LRSchedule("cosine", 0.1, 0.8, total_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert s.lr_at(0) == pytest.approx(0.1) and s.lr_at(5) == pytest.approx(0.45)
+    assert s.lr_at(10) == pytest.approx(0.8) and s.lr_at(60) == pytest.approx(0.08 + 0.72 * 0.5)
+    assert s.lr_at(110) == pytest.approx(0.08) and s.lr_at(500) == pytest.approx(0.08)
+    lrs = [s.lr_at(i) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    p = LRSchedule("poly", 1.0, 1.0, total_steps=100, power=0.9)
+    assert p.lr_at(50) == pytest.approx(0.5**0.9) and p.lr_at(100) == 0
+    st = LRSchedule("step", 1.0, 1.0, total_steps=100, step_every=30, gamma=0.1)
+    assert [st.lr_at(i) for i in (29, 30, 65)] == pytest.approx([1.0, 0.1, 0.01])
+    assert LRSchedule("constant", 0.3, 0.3, 10).lr_at(9) == 0.3
+    with pytest.raises(ValueError, match="unknown schedule"):
+        LRSchedule("exp", 1, 1, 10)
+
+
+def test_plateau_decays_after_patience_and_round_trips_its_state():
+    s = LRSchedule("plateau", 1.0, 1.0, 100, gamma=0.5, patience=2, mode="max")
+    for v in (0.5, 0.6, 0.6, 0.55):  # best 0.6, then two epochs without improvement: still patient
+        s.epoch_end(v)
+    assert s.lr_at(0) == 1.0
+    s.epoch_end(float("nan"))  # a missing value is not an epoch without improvement
+    s.epoch_end(None)
+    assert s.lr_at(0) == 1.0
+    s.epoch_end(0.59)
+    assert s.lr_at(0) == 0.5
+    t = LRSchedule("plateau", 1.0, 1.0, 100, gamma=0.5, patience=2, mode="max")
+    t.load_state_dict(s.state_dict())
+    assert t.lr_at(0) == 0.5 and t.best == 0.6
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=9.0)
+    assert t.apply(opt, 3) == 0.5 and opt.param_groups[0]["lr"] == 0.5
+
+
+# ---------------------------------------------------------------- optimizers
+
+
+def _regression(opt_name: str, lr: float, steps: int = 60) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(64, 8)
+    y = x @ torch.randn(8, 1)
+    opt = build_optimizer(model, opt_name, lr, weight_decay=1e-4)
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), y)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses[0], losses[-1]
+
+
+@pytest.mark.parametrize(
+    "name,lr,steps", [("sgd", 0.05, 60), ("adamw", 0.01, 60), ("lamb", 0.02, 60), ("lars", 0.5, 150)]
+)
+def test_every_optimizer_trains(name, lr, steps):
+    first, last = _regression(name, lr, steps)
+    assert last < 0.5 * first
+
+
+def test_lamb_and_lars_scale_each_layer_by_its_trust_ratio():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 4) * 3)
+    b = nn.Parameter(torch.ones(4))
+    before_w, before_b = w.detach().clone(), b.detach().clone()
+    opt = LAMB([w, b], lr=0.01)
+    w.grad, b.grad = torch.randn(4, 4) * 1e-3, torch.full((4,), 1e-3)
+    opt.step()
+    # The first Adam update has entries of about +-1; the trust ratio rescales a matrix to lr x ||w||.
+    assert float((w.detach() - before_w).norm()) == pytest.approx(0.01 * float(before_w.norm()), rel=1e-3)
+    assert float((b.detach() - before_b).abs().max()) == pytest.approx(0.01, rel=1e-3)  # 1-D: no trust ratio
+    v = nn.Parameter(torch.randn(3, 3))
+    before_v = v.detach().clone()
+    lars = LARS([v], lr=1.0, momentum=0.0, trust_coef=0.001)
+    v.grad = torch.randn(3, 3) * 50
+    lars.step()
+    assert float((v.detach() - before_v).norm()) == pytest.approx(0.001 * float(before_v.norm()), rel=1e-4)
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert [p.ndim for p in decay["params"]] == [4] and len(no_decay["params"]) == 3
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_optimizer(model, "adagrad", 0.1, 0.0)
+
+
+def test_optimizer_wrapping_is_transparent_on_one_rank():
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert optim.distribute(opt, model, backward_passes_per_step=4) is opt
+    optim.synchronize(opt)
+    optim.broadcast_parameters(model)
+    with optim.skip_synchronize(opt):
+        opt.step()
+
+
+def test_autocast_is_fp32_on_the_cpu():
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is None
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def test_save_is_atomic_and_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.pt"
+    checkpoint.save(path, {"step": 3, "epoch": 1, "w": torch.ones(2)})
+    assert json.loads(path.with_suffix(".meta.json").read_text()) == {"step": 3, "epoch": 1, "file": "last.pt"}
+
+    def broken_save(obj, f):  # noqa: ANN001
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(path, {"step": 4, "w": torch.zeros(2)})
+    monkeypatch.undo()
+    assert checkpoint.load(path)["step"] == 3  # the old checkpoint, whole
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.meta.json", "last.pt"]  # no temp files left
+
+
+def test_find_latest_takes_the_highest_step_and_skips_broken_entries(tmp_path):
+    ck = tmp_path / "checkpoints"
+    assert checkpoint.find_latest(tmp_path) is None
+    checkpoint.save(ck / "a.pt", {"step": 10})
+    checkpoint.save(ck / "b.pt", {"step": 30})
+    checkpoint.save(ck / "c.pt", {"step": 20})
+    (ck / "d.meta.json").write_text("{not json")
+    (ck / "e.meta.json").write_text(json.dumps({"step": 99}))  # meta without its .pt
+    assert checkpoint.find_latest(tmp_path) == ck / "b.pt"
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(checkpoint.CheckpointError, match=str(bad)):
+        checkpoint.load(bad)
+    assert checkpoint.load_on_all_ranks(None) is None
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    checkpoint.save(tmp_path / "r.pt", {"rng": checkpoint.rng_state()})
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    torch.manual_seed(9)
+    np.random.seed(9)
+    random.seed(9)
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "r.pt")["rng"])
+    got = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_unwrap_reaches_the_bare_module():
+    inner = nn.Linear(2, 2)
+    assert checkpoint.unwrap(nn.DataParallel(nn.DataParallel(inner))) is inner
+    assert checkpoint.unwrap(inner) is inner
+
+
+def test_runlog_writes_nan_as_null(tmp_path):
+    log = RunLog(tmp_path / "run", tensorboard=False)
+    log.log({"epoch": 0, "split": "val", "dice": float("nan")})
+    log.write_json("summary.json", {"best": float("inf")})
+    log.close()
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["dice"] is None
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["best"] is None
+
+
+# ---------------------------------------------------------------- loop
+
+
+def _fit(run_dir: Path, **overrides):
+    torch.manual_seed(0)
+    base = dict(
+        run_dir=str(run_dir),
+        epochs=2,
+        batch_size_per_gpu=4,
+        lr=0.05,
+        lr_rule="none",
+        warmup_epochs=0,
+        optimizer="sgd",
+        progress=False,
+    )
+    cfg = TrainConfig(**{**base, **overrides})
+    micro = cfg.accum * cfg.simulate_gpus
+    model = ToyNet()
+    train = data.train_loader(make_blobs(64, seed=1), cfg.batch_size_per_gpu, seed=2, micro_per_step=micro)
+    val = data.eval_loader(make_blobs(12, seed=3), 4)
+    summary = fit(model, train, val, step_fn, eval_fn, ToyMetric, cfg, monitor="accuracy", mode="max")
+    return summary, model
+
+
+def _weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.state_dict().values()])
+
+
+def test_fit_writes_the_run_folder_and_refuses_to_overwrite_it(tmp_path):
+    summary, _ = _fit(tmp_path / "run")
+    run = tmp_path / "run"
+    assert {"config.json", "metrics.jsonl", "summary.json", "checkpoints", "tb"} <= {p.name for p in run.iterdir()}
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["split"]) for r in lines] == [(0, "train"), (0, "val"), (1, "train"), (1, "val")]
+    assert summary["steps_per_epoch"] == 16 and summary["global_batch"] == 4 and not summary["preempted"]
+    best = checkpoint.load(run / "checkpoints" / "best.pt")
+    assert best["epoch"] == summary["best_epoch"] + 1 and best["config"]["epochs"] == 2
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 32
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        _fit(run)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_after_a_mid_epoch_preemption_gives_the_same_weights(tmp_path):
+    _, straight = _fit(tmp_path / "a", epochs=3)
+    stopped, _ = _fit(tmp_path / "b", epochs=3, preempt_at_step=21)  # mid-epoch 1 (16 steps per epoch)
+    assert stopped["preempted"] and stopped["step"] == 21 and (tmp_path / "b" / "REQUEUE").is_file()
+    resumed, model = _fit(tmp_path / "b", epochs=3, resume=True)
+    assert not resumed["preempted"] and not (tmp_path / "b" / "REQUEUE").exists()
+    assert torch.equal(_weights(model), _weights(straight))
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 0, 1, 1, 2, 2]  # no epoch logged twice
+
+
+def test_preemption_on_an_epochs_last_step_finishes_the_epoch_first(tmp_path):
+    out, _ = _fit(tmp_path / "r", epochs=3, preempt_at_step=16)
+    assert out["preempted"] and out["epoch"] == 1
+    last = checkpoint.load(tmp_path / "r" / "checkpoints" / "last.pt")
+    assert (last["epoch"], last["batch_in_epoch"], last["step"]) == (1, 0, 16)
+    splits = [json.loads(x)["split"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert splits == ["train", "val"]  # the epoch was validated before stopping
+
+
+def test_simulated_gpus_and_accumulation_equal_the_bigger_batch(tmp_path):
+    _, big = _fit(tmp_path / "big", batch_size_per_gpu=8, epochs=1)
+    sim, simulated = _fit(tmp_path / "sim", batch_size_per_gpu=4, simulate_gpus=2, epochs=1)
+    _, accum = _fit(tmp_path / "acc", batch_size_per_gpu=4, accum=2, epochs=1)
+    assert sim["gpus"] == 2 and sim["global_batch"] == 8 and sim["steps_per_epoch"] == 8
+    assert torch.allclose(_weights(simulated), _weights(big), atol=1e-5)
+    assert torch.allclose(_weights(accum), _weights(big), atol=1e-5)
+
+
+def test_lr_rule_scales_by_gpus_times_accumulation(tmp_path):
+    out, _ = _fit(tmp_path / "r", simulate_gpus=2, accum=2, lr_rule="sqrt", epochs=1)
+    assert out["lr"] == pytest.approx(0.05 * 2)
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["peak_lr"] == pytest.approx(0.1) and cfg["gpus"] == 2 and cfg["global_batch"] == 16
+
+
+def test_gradient_clipping_bounds_the_step(tmp_path):
+    def one_step(clip: float) -> float:
+        torch.manual_seed(0)
+        model = ToyNet()
+        w0 = _weights(model).clone()
+        cfg = TrainConfig(
+            run_dir=str(tmp_path / f"c{clip}"),
+            epochs=1,
+            batch_size_per_gpu=8,
+            lr=1.0,
+            lr_rule="none",
+            warmup_epochs=0,
+            schedule="constant",
+            optimizer="sgd",
+            momentum=0.0,
+            weight_decay=0.0,
+            clip_grad=clip,
+            progress=False,
+        )
+        train = data.train_loader(make_blobs(8, seed=1), 8, seed=2)
+        val = data.eval_loader(make_blobs(4, seed=3), 4)
+        fit(model, train, val, step_fn, eval_fn, ToyMetric, cfg, monitor="accuracy")
+        return float((_weights(model) - w0).norm())
+
+    assert one_step(1e-3) == pytest.approx(1e-3, rel=1e-3)  # SGD at lr 1: the step is the clipped gradient
+    assert one_step(0.0) > 0.01
+
+
+def test_a_nan_loss_stops_before_the_step(tmp_path):
+    def nan_after_first(model, batch, device):  # noqa: ANN001
+        loss, n = step_fn(model, batch, device)
+        nan_after_first.calls += 1
+        return (loss * float("nan") if nan_after_first.calls > 16 else loss), n
+
+    nan_after_first.calls = 0
+    torch.manual_seed(0)
+    model = ToyNet()
+    cfg = TrainConfig(run_dir=str(tmp_path / "r"), epochs=2, batch_size_per_gpu=4, progress=False)
+    train = data.train_loader(make_blobs(64, seed=1), 4, seed=2)
+    val = data.eval_loader(make_blobs(8, seed=3), 4)
+    with pytest.raises(FloatingPointError, match="epoch 1, step 16"):
+        fit(model, train, val, nan_after_first, eval_fn, ToyMetric, cfg, monitor="accuracy")
+    assert torch.isfinite(_weights(model)).all()
+    assert checkpoint.load(tmp_path / "r" / "checkpoints" / "last.pt")["step"] == 16
+
+
+def test_an_unknown_plateau_monitor_names_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="'dice' is not a validation value"):
+        _fit(tmp_path / "r", schedule="plateau", plateau_monitor="dice", epochs=1)
+
+
+def test_evaluate_reduces_once_to_global_numbers():
+    torch.manual_seed(0)
+    model = ToyNet()
+    out = evaluate(model, data.eval_loader(make_blobs(10, seed=3), 3), eval_fn, ToyMetric(), torch.device("cpu"))
+    assert out["count"] == 10 and 0.0 <= out["accuracy"] <= 1.0 and out["loss"] > 0
+    assert not model.training
