@@ -135,7 +135,8 @@ def tune_spec(site: Site, workers: int = 8) -> JobSpec:
         description=f"Optuna study of the U-Net, {workers} single-GPU workers as a job array",
         command=(
             # --max-trials caps the whole study: a requeued task does not run past it.
-            f"python -m jobs.tune --task unet --config jobs/configs/unet_lung.yaml --trials 4 --max-trials {4 * workers} "
+            "python -m jobs.tune --task unet --config jobs/configs/unet_lung.yaml "
+            f"--trials 4 --max-trials {4 * workers} "
             '--study "$STUDY" --storage "$STORAGE"'
         ),
         gpus=1,
