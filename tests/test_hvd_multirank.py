@@ -72,6 +72,8 @@ def test_simulated_two_gpus_match_real_two_ranks(two_rank_run, tmp_path):
 def test_accumulation_under_horovod_matches_bigger_batch(two_rank_run, tmp_path):
     # 2 ranks x batch 2 x accumulation 2 (backward_passes_per_step=2) = 2 ranks x batch 4.
     launch(2, ["tests/hvd_worker.py", "train", str(tmp_path), "--batch", "2", "--accum", "2"], "mpi")
+    # Under MPI as under Gloo: the replicas stay bit-identical.
+    _assert_close(_weights(tmp_path / "weights_rank0.pt"), _weights(tmp_path / "weights_rank1.pt"), atol=0)
     _assert_close(_weights(two_rank_run / "weights_rank0.pt"), _weights(tmp_path / "weights_rank0.pt"), atol=2e-5)
 
 

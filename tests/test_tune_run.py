@@ -156,14 +156,19 @@ def test_unet_with_the_tune_array_command_line(tmp_path, root):
     run_cmd([sys.executable, "-m", "jobs.make_phantoms", str(data), "--preset", "demo", "--n-train", "4",
              "--n-val", "2", "--n-test", "1", "--shape", "32", "32", "16", "--spacing", "2", "2", "2.5",
              "--diameter-mm", "8", "12"])  # fmt: skip
-    tiny = ["--data", str(data), "--patch-size", "16", "16", "8", "--features", "4", "--depth", "2", "--epochs", "2",
+    tiny = ["--data", str(data), "--patch-size", "16", "16", "8", "--features", "4", "--depth", "2", "--epochs", "3",
             "--samples-per-volume", "2", "--sw-batch-size", "1", "--threads", "1", "--no-progress",
             "--num-workers", "0", "--amp", "off", "--no-deep-supervision", "--target-spacing", "0", "0", "0",
-            "--sw-overlap", "0", "--pruner", "hyperband"]  # fmt: skip
-    args[args.index("--trials") + 1] = "3"
+            "--sw-overlap", "0", "--startup-trials", "4", "--pruner-startup", "2"]  # fmt: skip
+    # A real 8-trial study on phantoms (about 12 s): the median pruner stops some trials after their first epoch.
+    args[args.index("--trials") + 1] = "8"
     study_dir = tmp_path / "unet"
     p = run_cmd([sys.executable, *args[1:], *tiny, "--study-dir", str(study_dir)])
-    assert p.stdout.count("trial ") >= 3 and "validation split" in p.stdout
+    assert "validation split" in p.stdout
+    trials = _load("lung", optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "unet_lung.journal")))).trials  # fmt: skip
+    states = [t.state for t in trials]
+    assert len(trials) == 8 and states.count(TrialState.PRUNED) >= 1 and states.count(TrialState.COMPLETE) >= 2
     out = tmp_path / "report"
     run_cmd([sys.executable, "-m", "jobs.tune_report", "--study", "lung", "--storage",
              str(tmp_path / "unet_lung.journal"), "--out", str(out)])  # fmt: skip
