@@ -1,6 +1,6 @@
 """Dice against GPU count for the large-batch recipe: simulated 1-64 GPUs and real Horovod ranks, then the report.
 
-    python -m jobs.bench_scaling                       # the issue-6 bar, ~19 min on 2 CPU cores
+    python -m jobs.bench_scaling                       # the issue-6 bar, 20-40 min on 2 CPU cores
     python -m jobs.bench_scaling --quick               # smoke run: 1, 2, 4 GPUs, 2 epochs (under a minute)
     python -m jobs.bench_scaling --gpus 1,8,64 --jobs 1 --out runs/bench_scaling-try
 
@@ -22,7 +22,8 @@ LAMB 0.003-0.005 sqrt 0.85-0.87; AdamW 0.002 sqrt (peak 0.016) 0.88; AdamW 0.004
 0.032) 0.90; a higher peak (AdamW 0.064; LAMB 0.08-0.128, at 24x24x16 patches) or Dice without BCE was less
 stable and lower. 160 epochs then took 64 GPUs to the 1-GPU Dice.
 
-Measured (2 shared CPU cores, `python -m jobs.bench_scaling`, 18.6 min): best Dice 0.919 at 1 GPU (real),
+Measured (2 shared CPU cores, `python -m jobs.bench_scaling`, 18.6 min; the same figures in 38.5 min on a slower
+day): best Dice 0.919 at 1 GPU (real),
 0.942 on 2 real ranks, 0.940 / 0.942 / 0.934 / 0.934 / 0.928 / 0.917 simulated at 2 / 4 / 8 / 16 / 32 / 64 GPUs:
 99.7% of 1 GPU at 64 (seed 1: 0.936 at 1 GPU, 0.938 at 64). The 2 real ranks took 2.05 s per epoch against 1.16 s
 for one: with ~10 ms of compute per step, Gloo's allreduces (gradients, the global-batch Dice, the preemption flag)
