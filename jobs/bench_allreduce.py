@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from jobs._launch import child_env
 
 # (label, launcher flag, extra environment)
 SETTINGS = [
@@ -116,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
             out = Path(tmp) / f"{len(results)}.json"
             cmd = ["horovodrun", "-np", str(a.np), flag, sys.executable, "-m", "jobs.bench_allreduce"]
             cmd += ["--worker", str(out), "--max-mib", str(a.max_mib)]
-            proc = subprocess.run(
-                cmd, env={**os.environ, **env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900
-            )
+            proc = subprocess.run(cmd, env=child_env(**env), capture_output=True, text=True, timeout=900)
             if proc.returncode != 0 or not out.is_file():
                 print(f"{label}: failed (exit {proc.returncode})\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
                 continue

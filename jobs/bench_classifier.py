@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from jobs._launch import child_env
 
 MODELS = "small_cnn,mobilenet_v2,resnet18,resnet34,resnet50"
 
@@ -28,7 +29,7 @@ def run(model: str, ranks: int, data: Path, run_dir: Path, args: argparse.Namesp
     cmd += ["--eval-every", str(args.epochs), "--num-workers", str(args.workers), "--dedup-threshold", "-1"]
     if ranks > 1:
         cmd = ["horovodrun", "-np", str(ranks), "--gloo", *cmd]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=3600)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=3600)
     if p.returncode != 0:
         raise SystemExit(f"bench_classifier: {' '.join(cmd)} failed\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "fold_0" / "metrics.jsonl").read_text().splitlines()]

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -47,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from jobs._launch import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "jobs" / "configs" / "unet_bench_scaling.yaml"
@@ -101,16 +102,11 @@ def check_batches(runs: list[Run], preset: dict, n_train: int) -> None:
             )
 
 
-def _env() -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)  # horovodrun and the venv's python
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
-
-
 def _call(cmd: list[str], log: Path) -> float:
     """Run `cmd` from the repo root with its output in `log`; returns the wall time in seconds."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from jobs._launch import child_env
 
 CONFIG = "jobs/configs/unet_demo.yaml"
 
@@ -52,8 +53,7 @@ def run_trainer(ranks: int, data: Path, run_dir: Path, epochs: int) -> dict:
     cmd += ["--epochs", str(epochs), "--threads", "1", "--no-progress", "--eval-every", str(epochs)]
     if ranks > 1:
         cmd = ["horovodrun", "-np", str(ranks), "--gloo", *cmd]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=3600)
     if p.returncode != 0:
         raise SystemExit(f"bench_unet: {' '.join(cmd)} failed\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
