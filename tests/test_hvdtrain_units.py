@@ -419,7 +419,8 @@ def test_runlog_writes_nan_as_null(tmp_path):
 # ---------------------------------------------------------------- loop
 
 
-def _fit(run_dir: Path, **overrides):
+def _fit(run_dir: Path, n_train: int = 64, **overrides):
+    """Train a seeded ToyNet (torch.manual_seed(0), then ToyNet()) with `overrides` of a small SGD config."""
     torch.manual_seed(0)
     base = dict(
         run_dir=str(run_dir),
@@ -434,7 +435,7 @@ def _fit(run_dir: Path, **overrides):
     cfg = TrainConfig(**{**base, **overrides})
     micro = cfg.accum * cfg.simulate_gpus
     model = ToyNet()
-    train = data.train_loader(make_blobs(64, seed=1), cfg.batch_size_per_gpu, seed=2, micro_per_step=micro)
+    train = data.train_loader(make_blobs(n_train, seed=1), cfg.batch_size_per_gpu, seed=2, micro_per_step=micro)
     val = data.eval_loader(make_blobs(12, seed=3), 4)
     summary = fit(model, train, val, step_fn, eval_fn, ToyMetric, cfg, monitor="accuracy", mode="max")
     return summary, model
@@ -499,25 +500,18 @@ def test_lr_rule_scales_by_gpus_times_accumulation(tmp_path):
 def test_gradient_clipping_bounds_the_step(tmp_path):
     def one_step(clip: float) -> float:
         torch.manual_seed(0)
-        model = ToyNet()
-        w0 = _weights(model).clone()
-        cfg = TrainConfig(
-            run_dir=str(tmp_path / f"c{clip}"),
+        w0 = _weights(ToyNet())  # the weights _fit starts from
+        _, model = _fit(
+            tmp_path / f"c{clip}",
+            n_train=8,  # one step of batch 8
             epochs=1,
             batch_size_per_gpu=8,
             lr=1.0,
-            lr_rule="none",
-            warmup_epochs=0,
             schedule="constant",
-            optimizer="sgd",
             momentum=0.0,
             weight_decay=0.0,
             clip_grad=clip,
-            progress=False,
         )
-        train = data.train_loader(make_blobs(8, seed=1), 8, seed=2)
-        val = data.eval_loader(make_blobs(4, seed=3), 4)
-        fit(model, train, val, step_fn, eval_fn, ToyMetric, cfg, monitor="accuracy")
         return float((_weights(model) - w0).norm())
 
     assert one_step(1e-3) == pytest.approx(1e-3, rel=1e-3)  # SGD at lr 1: the step is the clipped gradient
