@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from hvdtrain.config import TrainConfig, arg
 
+from .postprocess import POSTPROCESS
 from .unet import NORMS
 
 __all__ = ["UNetConfig"]
@@ -31,6 +32,7 @@ class UNetConfig(TrainConfig):
     cache_dir: str = arg("", "preprocessed .npy cache (default: DATA/preprocessed)")
     val_fraction: float = arg(0.2, "held-out share of the training cases when the dataset has no 'validation' list")
     split_seed: int = arg(0, "seed of that train/validation split (kept apart from --seed)")
+    split_group: str = arg("", "regex on the case id whose match keeps cases together in that split (e.g. the patient)")
     # preprocessing (saved as config["preprocess"] in checkpoints; prediction repeats it)
     target_spacing: tuple[float, float, float] = arg((0.0, 0.0, 0.0), "resample to this spacing in mm, x y z (0: keep)")
     window: tuple[float, float] = arg((-1000.0, 400.0), "HU window: clip to low high")
@@ -58,4 +60,6 @@ class UNetConfig(TrainConfig):
     sw_overlap: float = arg(0.5, "sliding-window overlap in [0, 1)")
     sw_batch_size: int = arg(2, "windows per forward pass")
     threshold: float = arg(0.5, "probability threshold of the predicted mask")
+    tta: bool = arg(False, "test-time augmentation: average the predictions of the 8 mirrorings of X, Y, Z")
+    postprocess: str = arg("none", "mask post-processing: keep the component at/nearest the centre", POSTPROCESS)
     monitor: str = arg("dice", "validation value that picks the best checkpoint", ("dice", "dice_global"))

@@ -22,6 +22,7 @@ Typical job (every rank):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -40,7 +41,15 @@ from .inference import predict_probabilities
 from .io import Case, EmptyDatasetError, list_cases, read_nifti
 from .losses import DeepSupervisionLoss, DiceLoss
 from .metrics import DiceMetric
-from .preprocess import CachedCase, PreprocessParams, invert_to_original, preprocess_arrays, preprocess_dataset
+from .postprocess import postprocess_mask
+from .preprocess import (
+    CachedCase,
+    PreprocessParams,
+    invert_to_original,
+    preprocess_arrays,
+    preprocess_dataset,
+    spacing_of,
+)
 from .sampling import Augment, PatchDataset, VolumeDataset
 from .unet import UNet3D
 
@@ -50,6 +59,7 @@ __all__ = [
     "inference_params",
     "checkpoint_config",
     "build_model",
+    "case_group",
     "split_cases",
     "prepare_data",
     "patch_dataset",
@@ -88,6 +98,8 @@ def inference_params(cfg: UNetConfig) -> dict[str, Any]:
         "sw_batch_size": cfg.sw_batch_size,
         "threshold": cfg.threshold,
         "activation": "sigmoid",
+        "tta_flips": [0, 1, 2] if cfg.tta else [],
+        "postprocess": cfg.postprocess,
     }
 
 
@@ -105,8 +117,24 @@ def build_model(kwargs: dict[str, Any]) -> UNet3D:
     return UNet3D(**kwargs)
 
 
-def split_cases(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Case], list[Case]]:
-    """(train, validation) cases: the dataset's own validation list if it has one, else a seeded random split."""
+def case_group(case_id: str, pattern: str) -> str:
+    """The split group of a case: the first capture (or the whole match) of `pattern`; the case itself if empty."""
+    if not pattern:
+        return case_id
+    m = re.search(pattern, case_id)
+    if m is None:
+        raise ValueError(f"--split-group {pattern!r} does not match case {case_id!r}")
+    return m.group(1) if m.groups() else m.group(0)
+
+
+def split_cases(
+    root: str | Path, val_fraction: float = 0.2, seed: int = 0, group: str = ""
+) -> tuple[list[Case], list[Case]]:
+    """(train, validation) cases: the dataset's own validation list if it has one, else a seeded random split.
+
+    With `group` (a regex on the case id, e.g. `^(LIDC-IDRI-\\d+)` for the patient) whole groups go to one side,
+    so no patient's nodules are on both; groups are drawn in a seeded order until the validation share is reached.
+    """
     train = list_cases(root, "train")
     try:
         return train, list_cases(root, "val")
@@ -114,10 +142,21 @@ def split_cases(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> t
         pass
     if len(train) < 2:
         raise EmptyDatasetError(f"{root}: {len(train)} labelled case(s); need at least 2 to hold one out")
+    groups = [case_group(c.case_id, group) for c in train]
+    names = list(dict.fromkeys(groups))  # first-appearance order: ungrouped splits stay as they were
+    if len(names) < 2:
+        raise EmptyDatasetError(f"{root}: all {len(train)} cases fall in one --split-group {group!r}")
     n_val = min(len(train) - 1, max(1, round(val_fraction * len(train))))
-    order = np.random.default_rng(seed).permutation(len(train))
-    val_idx = set(order[:n_val].tolist())
-    return [c for i, c in enumerate(train) if i not in val_idx], [c for i, c in enumerate(train) if i in val_idx]
+    val_groups: set[str] = set()
+    taken = 0
+    for i in np.random.default_rng(seed).permutation(len(names)):
+        if taken >= n_val or len(val_groups) == len(names) - 1:
+            break
+        val_groups.add(names[i])
+        taken += groups.count(names[i])
+    return [c for c, g in zip(train, groups) if g not in val_groups], [
+        c for c, g in zip(train, groups) if g in val_groups
+    ]
 
 
 def prepare_data(cfg: UNetConfig, progress: bool | None = None) -> tuple[list[CachedCase], list[CachedCase]]:
@@ -126,7 +165,7 @@ def prepare_data(cfg: UNetConfig, progress: bool | None = None) -> tuple[list[Ca
     A collective: call on every rank (it ends with a barrier so every entry is on disk when it returns).
     """
     d = dist.info()
-    train, val = split_cases(cfg.data, cfg.val_fraction, cfg.split_seed)
+    train, val = split_cases(cfg.data, cfg.val_fraction, cfg.split_seed, cfg.split_group)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data) / "preprocessed"
     params = preprocess_params(cfg)
     show = dist.is_main() if progress is None else progress
@@ -172,14 +211,26 @@ def make_eval_fn(cfg: UNetConfig) -> Callable[[nn.Module, Any, torch.device, Dic
     `jobs.predict` scores on the original grid.
     """
 
+    inf = inference_params(cfg)
+    # The preprocessed grid's spacing when every axis is resampled; else voxel units for "nearest the centre".
+    grid_spacing = tuple(cfg.target_spacing) if all(t > 0 for t in cfg.target_spacing) else None
+
     def eval_fn(model: nn.Module, batch: Any, device: torch.device, metric: DiceMetric) -> None:
         images, labels, case_ids = batch
         for image, label, case_id in zip(images, labels, case_ids):
             pad = 0.0 if cfg.normalize == "minmax" else float(image.min())  # air outside the volume
             prob = predict_probabilities(
-                model, image, cfg.patch_size, cfg.sw_overlap, cfg.sw_batch_size, device=device, pad_value=pad
+                model,
+                image,
+                cfg.patch_size,
+                cfg.sw_overlap,
+                cfg.sw_batch_size,
+                device=device,
+                pad_value=pad,
+                tta_flips=inf["tta_flips"],
             )
-            metric.update(case_id, prob > cfg.threshold, label[0].numpy())
+            mask = postprocess_mask(prob > cfg.threshold, cfg.postprocess, grid_spacing)
+            metric.update(case_id, mask, label[0].numpy())
 
     return eval_fn
 
@@ -241,20 +292,36 @@ class Predictor:
     sw_batch_size: int = 2
     threshold: float = 0.5
     device: torch.device = torch.device("cpu")
+    tta_flips: tuple[int, ...] = ()
+    postprocess: str = "none"
 
     def probabilities(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
         """Foreground probability on the original grid of `image` (voxels as stored, with its affine)."""
         img, _, geometry = preprocess_arrays(image, affine, None, self.params)
         pad = 0.0 if self.params.normalize == "minmax" else float(img.min())  # air
         prob = predict_probabilities(
-            self.model, img, self.roi_size, self.overlap, self.sw_batch_size, device=self.device, pad_value=pad
+            self.model,
+            img,
+            self.roi_size,
+            self.overlap,
+            self.sw_batch_size,
+            device=self.device,
+            pad_value=pad,
+            tta_flips=self.tta_flips,
         )
         return invert_to_original(prob, geometry)
+
+    def mask(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        """uint8 mask on the original grid of `image`: threshold, then the checkpoint's post-processing."""
+        mask = postprocess_mask(
+            self.probabilities(image, affine) > self.threshold, self.postprocess, spacing_of(affine)
+        )
+        return mask.astype(np.uint8)
 
     def predict_file(self, path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
         """(source NIfTI, uint8 mask on its grid)."""
         nifti, data = read_nifti(path)
-        return nifti, (self.probabilities(data, nifti.affine) > self.threshold).astype(np.uint8)
+        return nifti, self.mask(data, nifti.affine)
 
 
 def model_from_checkpoint(
@@ -278,4 +345,6 @@ def model_from_checkpoint(
         int(inf["sw_batch_size"]),
         float(inf["threshold"]),
         device,
+        tuple(int(a) for a in inf.get("tta_flips", ())),  # checkpoints from before TTA have neither key
+        str(inf.get("postprocess", "none")),
     )

@@ -129,6 +129,7 @@ def predict_probabilities(
     activation: str = "sigmoid",
     device: torch.device | str = "cpu",
     pad_value: float = 0.0,
+    tta_flips: Sequence[int] = (),
 ) -> np.ndarray:
     """Foreground probabilities of one preprocessed volume.
 
@@ -136,6 +137,8 @@ def predict_probabilities(
         model: a segmentation network in eval mode (logits out).
         image: `(X, Y, Z)`, `(1, X, Y, Z)` or `(1, 1, X, Y, Z)`.
         activation: "sigmoid" (1 output channel) or "softmax" (probability of class 1 vs the rest: 1 - p(bg)).
+        tta_flips: spatial axes (0, 1, 2 = X, Y, Z) to mirror for test-time augmentation: the probabilities of
+            every combination of flips (2**len(tta_flips) passes) are averaged, each flipped back first.
 
     Returns:
         `(X, Y, Z)` float32 numpy probabilities; windows run on `device`, blending happens on the CPU.
@@ -150,7 +153,15 @@ def predict_probabilities(
         logits = logits.float()
         return torch.sigmoid(logits) if activation == "sigmoid" else 1 - torch.softmax(logits, 1)[:, :1]
 
-    prob = sliding_window_inference(
-        x, roi_size, predictor, overlap, sw_batch_size, pad_value=pad_value, sw_device=device, out_device="cpu"
-    )
-    return prob[0, 0].numpy()
+    combos = [
+        [2 + a for a, on in zip(tta_flips, bits) if on] for bits in itertools.product((0, 1), repeat=len(tta_flips))
+    ]
+    total = None
+    for dims in combos:  # each pass predicts the mirrored volume; mirror it back before averaging
+        xi = x.flip(dims) if dims else x
+        prob = sliding_window_inference(
+            xi, roi_size, predictor, overlap, sw_batch_size, pad_value=pad_value, sw_device=device, out_device="cpu"
+        )
+        prob = prob.flip(dims) if dims else prob
+        total = prob if total is None else total + prob
+    return (total / len(combos))[0, 0].numpy()

@@ -13,6 +13,7 @@ from hvdtrain import data, dist, fit
 from segmentation.config import UNetConfig
 from segmentation.engine import (
     build_model,
+    case_group,
     checkpoint_config,
     make_eval_fn,
     make_loss,
@@ -111,3 +112,24 @@ def test_presets_parse(root, preset):
     cfg = parse_config(UNetConfig, ["--config", str(root / "jobs" / "configs" / preset)])
     assert len(cfg.patch_size) == 3 and all(p % 2**cfg.depth == 0 for p in cfg.patch_size)
     assert checkpoint_config(cfg)["model"]["depth"] == cfg.depth
+
+
+def test_grouped_split_keeps_each_patient_on_one_side(dataset, tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    names = [f"LIDC-IDRI-{p:04d}_R_{n}" for p in range(6) for n in range(1 + p % 3)]
+    for name in names:
+        for sub in ("images", "labels"):
+            (tmp_path / sub / f"{name}.nii.gz").symlink_to(dataset / "imagesTr" / "phantom_000.nii.gz")
+    pattern = r"^(LIDC-IDRI-\d+)_R_"
+    for seed in range(5):
+        tr, va = split_cases(tmp_path, val_fraction=0.3, seed=seed, group=pattern)
+        patients = [{case_group(c.case_id, pattern) for c in side} for side in (tr, va)]
+        assert patients[0] and patients[1] and not patients[0] & patients[1]
+        assert len(tr) + len(va) == len(names)
+    ungrouped = split_cases(tmp_path, 0.3, 0, group=r"^(LIDC-IDRI-\d+)_R_(\d+)")  # first capture: still the patient
+    assert {case_group(c.case_id, pattern) for c in ungrouped[0]}.isdisjoint(
+        {case_group(c.case_id, pattern) for c in ungrouped[1]}
+    )
+    with pytest.raises(ValueError, match="does not match case"):
+        split_cases(tmp_path, 0.3, 0, group=r"^patient-(\d+)")
