@@ -51,6 +51,8 @@ class UNetConfig(TrainConfig):
     norm: str = arg("instance", "normalisation layers", NORMS)
     dropout: float = arg(0.0, "Dropout3d probability in every block")
     deep_supervision: bool = arg(False, "extra loss heads on the lower decoder levels")
+    residual: bool = arg(False, "residual blocks (conv-norm-act-conv-norm + skip)")
+    top_features: int = arg(0, "channels of the full-resolution level only (0: --features); fewer is cheaper")
     # loss
     batch_dice: bool = arg(True, "Dice over the whole batch (nnU-Net) instead of per sample")
     global_dice: bool = arg(True, "with batch Dice: allreduce tp/fp/fn so the Dice is over the global batch")

@@ -5,9 +5,9 @@ Checkpoint `config` layout (written by `checkpoint_config`, read by `model_from_
     config = {
         ...every UNetConfig field...,
         "model": {"in_channels", "out_channels", "features", "depth", "norm", "dropout", "deep_supervision",
-                  "max_features"},                  # UNet3D(**config["model"])
+                  "max_features", "residual", "top_features"},   # UNet3D(**config["model"])
         "preprocess": {"target_spacing", "window", "normalize"},   # PreprocessParams.from_dict(...)
-        "inference": {"roi_size", "overlap", "sw_batch_size", "threshold", "activation"},
+        "inference": {"roi_size", "overlap", "sw_batch_size", "threshold", "activation", "tta_flips", "postprocess"},
     }
 
 Typical job (every rank):
@@ -83,6 +83,8 @@ def model_kwargs(cfg: UNetConfig) -> dict[str, Any]:
         "dropout": cfg.dropout,
         "deep_supervision": cfg.deep_supervision,
         "max_features": 320,
+        "residual": cfg.residual,
+        "top_features": cfg.top_features,
     }
 
 

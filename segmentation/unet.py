@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet3D", "NORMS"]
+__all__ = ["UNet3D", "ConvBlock", "ResBlock", "NORMS"]
 
 NORMS = ("instance", "batch", "group")
 
@@ -37,6 +37,27 @@ class ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+class ResBlock(nn.Module):
+    """A residual `ConvBlock` (He 2016; nnU-Net's ResEnc): act(norm(conv(act(norm(conv x)))) + proj x)."""
+
+    def __init__(self, in_ch: int, out_ch: int, norm: str, dropout: float):
+        super().__init__()
+        body: list[nn.Module] = [
+            nn.Conv3d(in_ch, out_ch, 3, padding=1, bias=False),
+            _norm(norm, out_ch),
+            nn.LeakyReLU(0.01, inplace=True),
+        ]
+        if dropout > 0:
+            body.append(nn.Dropout3d(dropout))
+        body += [nn.Conv3d(out_ch, out_ch, 3, padding=1, bias=False), _norm(norm, out_ch)]
+        self.body = nn.Sequential(*body)
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv3d(in_ch, out_ch, 1, bias=False)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.skip(x))
+
+
 class UNet3D(nn.Module):
     """Encoder-decoder with skip connections (Ronneberger 2015; Cicek 2016), nnU-Net-style blocks.
 
@@ -58,6 +79,9 @@ class UNet3D(nn.Module):
         dropout: Dropout3d probability inside every block (0: none).
         deep_supervision: add 1x1x1 heads on the lower decoder levels (training output becomes a list).
         max_features: cap on channels per level (nnU-Net uses 320).
+        residual: residual blocks (`ResBlock`) instead of plain ones.
+        top_features: channels of the full-resolution level only (0: `features`); fewer makes the full
+            resolution, where most of the FLOPs are, cheap while the lower levels keep their width.
     """
 
     def __init__(
@@ -70,6 +94,8 @@ class UNet3D(nn.Module):
         dropout: float = 0.0,
         deep_supervision: bool = False,
         max_features: int = 320,
+        residual: bool = False,
+        top_features: int = 0,
     ):
         super().__init__()
         if depth < 1:
@@ -77,14 +103,16 @@ class UNet3D(nn.Module):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         ch = [min(features * 2**i, max_features) for i in range(depth + 1)]
+        ch[0] = top_features or ch[0]
         self.depth, self.deep_supervision = depth, deep_supervision
+        block = ResBlock if residual else ConvBlock
         self.encoders = nn.ModuleList(
-            [ConvBlock(in_channels if i == 0 else ch[i - 1], ch[i], norm, dropout) for i in range(depth + 1)]
+            [block(in_channels if i == 0 else ch[i - 1], ch[i], norm, dropout) for i in range(depth + 1)]
         )
         self.pool = nn.MaxPool3d(2)
         # Decoder level i (from the bottom): upsample ch[i+1] -> ch[i], concat skip ch[i], block 2*ch[i] -> ch[i].
         self.ups = nn.ModuleList([nn.ConvTranspose3d(ch[i + 1], ch[i], 2, stride=2) for i in range(depth)])
-        self.decoders = nn.ModuleList([ConvBlock(2 * ch[i], ch[i], norm, dropout) for i in range(depth)])
+        self.decoders = nn.ModuleList([block(2 * ch[i], ch[i], norm, dropout) for i in range(depth)])
         self.head = nn.Conv3d(ch[0], out_channels, 1)
         self.ds_heads = nn.ModuleList(
             [nn.Conv3d(ch[i], out_channels, 1) for i in range(1, depth)] if deep_supervision else []

@@ -41,3 +41,29 @@ def test_bad_arguments():
         UNet3D(norm="layer")
     with pytest.raises(ValueError, match="depth"):
         UNet3D(depth=0)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_residual_and_narrow_top_level_keep_shapes(residual):
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 33, 34, 35)
+    net = UNet3D(features=8, depth=3, residual=residual, top_features=4, deep_supervision=True)
+    first_conv = net.encoders[0].body[0] if residual else net.encoders[0][0]
+    assert first_conv.out_channels == 4
+    outs = net.train()(x)
+    assert [tuple(o.shape) for o in outs] == [(2, 1, 33, 34, 35), (2, 1, 17, 17, 18), (2, 1, 9, 9, 9)]
+    assert net.eval()(x).shape == (2, 1, 33, 34, 35)
+    full = sum(p.numel() for p in UNet3D(features=8, depth=3, residual=residual).parameters())
+    assert sum(p.numel() for p in net.parameters()) < full
+
+
+def test_residual_block_adds_its_input():
+    from segmentation.unet import ResBlock
+
+    block = ResBlock(4, 4, "instance", 0.0)
+    for m in block.body:
+        if isinstance(m, torch.nn.Conv3d):
+            torch.nn.init.zeros_(m.weight)
+    x = torch.rand(1, 4, 6, 6, 6)  # positive: LeakyReLU keeps it, so a zero body gives back x
+    torch.testing.assert_close(block(x), x)
+    assert isinstance(ResBlock(2, 4, "batch", 0.1).skip, torch.nn.Conv3d)
