@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from sklearn import metrics as skm
 
 from .metrics import EvalResult, pooled, summarize_folds
 
@@ -36,13 +37,10 @@ _MAIN = (
 
 
 def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) at every distinct threshold, from (0, 0) to (1, 1)."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
-    s, y = np.asarray(scores)[order], np.asarray(positive, dtype=bool)[order]
-    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # one point per distinct score
-    tps, fps = np.cumsum(y)[last_of_tie], np.cumsum(~y)[last_of_tie]
-    p, n = max(int(y.sum()), 1), max(int((~y).sum()), 1)
-    return np.r_[0.0, fps / n], np.r_[0.0, tps / p]
+    """(false positive rate, true positive rate) at every distinct threshold, from (0, 0) to (1, 1) (scikit-learn)."""
+    fpr, tpr, _ = skm.roc_curve(np.asarray(positive, dtype=bool), np.asarray(scores, dtype=np.float64),
+                                drop_intermediate=False)  # fmt: skip
+    return fpr, tpr
 
 
 def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
