@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from sklearn import metrics as skm
 
 from hvdtrain import dist
@@ -34,6 +35,7 @@ __all__ = [
     "summarize_folds",
     "pooled",
     "bootstrap_ci",
+    "main_scores",
     "BOOTSTRAP_METRICS",
     "ClassificationMetric",
 ]
@@ -163,6 +165,35 @@ def pooled(results: Sequence[EvalResult]) -> EvalResult:
 BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro")
 
 
+def main_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """`BOOTSTRAP_METRICS` as `compute_from` gives them (tested equal), ~50x faster for the bootstrap loop: the
+    confusion matrix once, recall and F1 from it, one-vs-rest AUC as the Mann-Whitney U of average ranks."""
+    c = probs.shape[1]
+    preds = probs.argmax(axis=1)
+    cm = np.bincount(labels * c + preds, minlength=c * c).reshape(c, c).astype(np.float64)
+    tp, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.where(support > 0, tp / support, np.nan)
+        f1 = np.where(support + predicted > 0, 2 * tp / (support + predicted), np.nan)
+    return {
+        "accuracy": float(tp.sum() / len(labels)),
+        "balanced_accuracy": _nanmean(recall),
+        "macro_f1": _nanmean(f1),
+        "auc_macro": _nanmean(_rank_auc(probs, labels)),
+    }
+
+
+def _rank_auc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    ranks = rankdata(probs, axis=0)  # average ranks: ties count half
+    out = np.full(probs.shape[1], np.nan)
+    for c in range(probs.shape[1]):
+        pos = labels == c
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if n_pos and n_neg:
+            out[c] = (ranks[pos, c].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return out
+
+
 def bootstrap_ci(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -186,7 +217,7 @@ def bootstrap_ci(
     draws = {m: [] for m in metrics}
     for _ in range(n_boot):
         i = rng.integers(0, len(labels), len(labels))
-        values = compute_from(probs[i], labels[i]).metrics
+        values = main_scores(probs[i], labels[i])
         for m in metrics:
             draws[m].append(values[m])
     out = {}

@@ -168,3 +168,16 @@ def test_bootstrap_ci_brackets_the_value():
     assert ci == bootstrap_ci(probs, labels, n_boot=60, seed=1)  # seeded
     perfect = bootstrap_ci(np.eye(3)[labels], labels, n_boot=20)
     assert perfect["accuracy"]["low"] == perfect["accuracy"]["high"] == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_main_scores_equal_compute_from(seed):
+    from classification.metrics import BOOTSTRAP_METRICS, main_scores
+
+    probs, labels = _predictions(50, 3, seed=seed)
+    if seed:  # a class absent, one predicted-only
+        probs, labels = probs[labels != 2], labels[labels != 2]
+    full = compute_from(probs, labels).metrics
+    fast = main_scores(probs, labels)
+    for m in BOOTSTRAP_METRICS:
+        assert fast[m] == pytest.approx(full[m], nan_ok=True), m
