@@ -146,7 +146,8 @@ class EMAClassifier(nn.Module):
 
     Each training-mode forward first folds the current weights into the average (after the previous optimizer
     step), with the warm-up `decay_t = min(decay, (1 + t) / (10 + t))`; buffers (BatchNorm statistics) are copied.
-    The average is kept as buffers (`ema.*` in the state dict), so optimizers and gradient allreduces never see it.
+    The average's parameters have `requires_grad=False` (`ema.*` in the state dict), so hvdtrain's optimizer (which
+    takes trainable parameters only) and the gradient allreduce never see them.
     Keys: `net.*` (the trained model), `ema.*` (its average), `ema_updates`.
     """
 
