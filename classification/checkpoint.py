@@ -13,7 +13,10 @@ class_names     list of class names; label i is class_names[i]            requir
 num_classes     len(class_names)                                         len(class_names)
 dropout         dropout before the head (no effect in eval mode)         0.0
 image_size      centre-crop side of the evaluation transform             224
-resize_size     short side before the crop                               image_size * 256 / 224
+resize_size     short side before the crop (side of the square)          image_size * 256 / 224
+resize_mode     "square" (cached pipeline) or "short_side"               short_side
+mask_head       model has the segmentation head                          False
+ema_decay       model is an EMAClassifier (evaluates the average)        0.0
 =============== ======================================================== ==========================
 """
 
@@ -25,9 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
-from .models import build_model, head_prefix
+from .augment import EvalPipeline
+from .cache import square_uint8
+from .models import build_model, head_prefix, wrap_classifier
 from .transforms import Transform, default_resize, eval_transform
 
 __all__ = ["CheckpointError", "inference_config", "clean_state_dict", "load_pretrained", "load_for_inference"]
@@ -162,11 +168,26 @@ def load_for_inference(
         raise CheckpointError(
             f"checkpoint {checkpoint_path}: num_classes {num_classes} but {len(class_names)} class names"
         )
-    model = build_model(name, num_classes, float(cfg.get("dropout", 0.0)))
+    net = build_model(name, num_classes, float(cfg.get("dropout", 0.0)))
+    model = wrap_classifier(net, bool(cfg.get("mask_head", False)), float(cfg.get("ema_decay", 0.0)))
     try:
         model.load_state_dict(clean_state_dict(ckpt["model"]), strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {checkpoint_path}: weights do not fit {name}: {e}") from e
     image_size = int(cfg.get("image_size", 224))
-    transform = eval_transform(image_size, cfg.get("resize_size"))
+    if cfg.get("resize_mode", "short_side") == "square":
+        transform: Transform = SquareTransform(image_size, int(cfg.get("resize_size") or default_resize(image_size)))
+    else:
+        transform = eval_transform(image_size, cfg.get("resize_size"))
     return model.to(device).eval(), list(class_names), transform
+
+
+class SquareTransform:
+    """PIL RGB -> the cached pipeline's evaluation tensor: resize to `side` x `side`, centre crop, normalise."""
+
+    def __init__(self, image_size: int, side: int) -> None:
+        self.side, self.pipeline = side, EvalPipeline(image_size)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        image = torch.from_numpy(square_uint8(img, self.side).copy()).permute(2, 0, 1)
+        return self.pipeline(image, torch.zeros((1, self.side, self.side), dtype=torch.uint8))[0]

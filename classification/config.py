@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from hvdtrain.config import TrainConfig, arg
 
+from .augment import POLICIES
 from .models import MODEL_NAMES
 
 __all__ = ["ClassifierConfig", "MONITORS", "monitor_mode"]
@@ -47,3 +48,13 @@ class ClassifierConfig(TrainConfig):
     class_weighted: bool = arg(False, "weight the loss by inverse class frequency of the fold's training set")
     eval_batch_size: int = arg(32, "images per rank per evaluation batch")
     monitor: str = arg("balanced_accuracy", "validation value that picks the best checkpoint", MONITORS)
+    cache: bool = arg(True, "decode + resize every image once into a uint8 memmap (square, resize_size px)")
+    cache_dir: str = arg("", "folder of that cache (default RUN_DIR/data_cache)")
+    aug_policy: str = arg("basic", "photometric augmentation with --cache", POLICIES)
+    elastic: float = arg(0.0, "probability of an elastic deformation (with --cache)")
+    speckle: float = arg(0.0, "sigma of speckle-like multiplicative noise on half the images (with --cache)")
+    mixup: float = arg(0.0, "mixup Beta(alpha, alpha) parameter (0: off)")
+    cutmix: float = arg(0.0, "cutmix Beta(alpha, alpha) parameter (0: off); with mixup one of the two per batch")
+    ema_decay: float = arg(0.0, "EMA of the weights, evaluated and checkpointed (0: off; e.g. 0.998)")
+    tta: bool = arg(False, "test-time augmentation: mean of the softmax over the image and its left-right flip")
+    mask_weight: float = arg(0.0, "weight of the lesion-mask Dice+BCE term of a segmentation head (0: no head)")

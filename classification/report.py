@@ -22,10 +22,20 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from sklearn import metrics as skm
 
-from .metrics import EvalResult, pooled, summarize_folds
+from .metrics import BOOTSTRAP_METRICS, EvalResult, bootstrap_ci, pooled, summarize_folds
 
-__all__ = ["roc_curve", "plot_confusion", "plot_roc", "write_fold", "write_summary", "format_mean_std"]
+__all__ = [
+    "roc_curve",
+    "plot_confusion",
+    "plot_roc",
+    "write_fold",
+    "write_summary",
+    "format_mean_std",
+    "format_ci",
+    "honest_lines",
+]
 
 _MAIN = (
     ("accuracy", "accuracy"),
@@ -36,13 +46,10 @@ _MAIN = (
 
 
 def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) at every distinct threshold, from (0, 0) to (1, 1)."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
-    s, y = np.asarray(scores)[order], np.asarray(positive, dtype=bool)[order]
-    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # one point per distinct score
-    tps, fps = np.cumsum(y)[last_of_tie], np.cumsum(~y)[last_of_tie]
-    p, n = max(int(y.sum()), 1), max(int((~y).sum()), 1)
-    return np.r_[0.0, fps / n], np.r_[0.0, tps / p]
+    """(false positive rate, true positive rate) at every distinct threshold, from (0, 0) to (1, 1) (scikit-learn)."""
+    fpr, tpr, _ = skm.roc_curve(np.asarray(positive, dtype=bool), np.asarray(scores, dtype=np.float64),
+                                drop_intermediate=False)  # fmt: skip
+    return fpr, tpr
 
 
 def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
@@ -201,6 +208,7 @@ def write_summary(
     title: str = "Cross-validation",
     notes: dict[str, Any] | None = None,
     fold_extra: Sequence[dict[str, Any]] | None = None,
+    sections: Sequence[str] = (),
 ) -> Path:
     """Write `summary.md`, `cv_metrics.json` and the pooled plots for the folds' validation results.
 
@@ -210,6 +218,7 @@ def write_summary(
         title: the Markdown heading.
         notes: `key: value` lines shown above the tables (data, duplicates, model, recipe, world size...).
         fold_extra: per-fold extras (best epoch, checkpoint path) stored in `cv_metrics.json`.
+        sections: Markdown lines put first, under the notes (e.g. `honest_lines`: test split, intervals).
 
     Returns:
         The path of `summary.md`.
@@ -229,6 +238,7 @@ def write_summary(
         "mean_std": summary,
         "pooled": pool.to_json(),
         "notes": notes or {},
+        "pooled_bootstrap_95": bootstrap_ci(pool.probs, pool.labels),
     }
     (out / "cv_metrics.json").write_text(json.dumps(_json_safe(data), indent=1, default=str))
     lines = [f"# {title}", ""]
@@ -239,8 +249,48 @@ def write_summary(
         "folds' validation predictions together.",
         "",
     ]
+    lines += list(sections)
     lines += _tables(results, summary, pool)
     lines += ["", "Plots: `confusion_pooled.png`, `roc_pooled.png`, and `fold_<k>/` for each fold.", ""]
     path = out / "summary.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def format_ci(ci: dict[str, float], digits: int = 3) -> str:
+    """`0.842 [0.801, 0.880]` from a `bootstrap_ci` entry."""
+    return f"{_fmt(ci['value'], digits)} [{_fmt(ci['low'], digits)}, {_fmt(ci['high'], digits)}]"
+
+
+def _row(label: str, values: dict[str, float] | dict[str, dict[str, float]]) -> str:
+    cells = [format_ci(values[m]) if isinstance(values[m], dict) else _fmt(values[m]) for m, _ in _MAIN]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def honest_lines(
+    best: Sequence[EvalResult],
+    last: Sequence[EvalResult],
+    test_ensemble: EvalResult | None = None,
+    test_folds: Sequence[EvalResult] = (),
+    n_boot: int = 1000,
+) -> list[str]:
+    """The headline table: held-out test (fold ensemble, each fold's model) with 95% bootstrap intervals, then the
+    cross-validation scores, best epoch (optimistic: picked on the same fold) beside the last epoch."""
+    head = ["| | " + " | ".join(t for _, t in _MAIN) + " |", "|---|" + "---:|" * len(_MAIN)]
+    lines: list[str] = []
+    if test_ensemble is not None:
+        ci = bootstrap_ci(test_ensemble.probs, test_ensemble.labels, BOOTSTRAP_METRICS, n_boot)
+        lines += ["## Held-out test split (never seen by training or checkpoint selection)", "", *head]
+        lines.append(_row(f"ensemble of {len(test_folds)} fold models (mean softmax), 95% CI", ci))
+        lines += [_row(f"fold {k} model alone", r.metrics) for k, r in enumerate(test_folds)]
+        lines += [f"\n{int(test_ensemble.metrics['count'])} test images; intervals: {n_boot} bootstrap resamples.", ""]
+    pool_best, pool_last = pooled(best), pooled(last)
+    lines += ["## Cross-validation (out of fold)", "", *head]
+    lines.append(_row("best epoch per fold, pooled (optimistic: picked on that fold), 95% CI",
+                      bootstrap_ci(pool_best.probs, pool_best.labels, BOOTSTRAP_METRICS, n_boot)))  # fmt: skip
+    lines.append(_row("last epoch per fold, pooled, 95% CI",
+                      bootstrap_ci(pool_last.probs, pool_last.labels, BOOTSTRAP_METRICS, n_boot)))  # fmt: skip
+    sb, sl = summarize_folds(best), summarize_folds(last)
+    lines.append("| best epoch, mean ± std over folds | " + " | ".join(format_mean_std(sb[m]) for m, _ in _MAIN) + " |")
+    lines.append("| last epoch, mean ± std over folds | " + " | ".join(format_mean_std(sl[m]) for m, _ in _MAIN) + " |")
+    return lines + [""]

@@ -122,3 +122,62 @@ def test_bad_shapes():
         compute_from(np.ones((3, 2)) / 2, np.array([0, 1]))
     with pytest.raises(ValueError):
         compute_from(np.ones((2, 2)) / 2, np.array([0, 2]))
+
+
+def test_hand_computed_with_absent_class():
+    """3 classes, class 2 never true but predicted once: values worked out by hand."""
+    labels = np.array([0, 0, 0, 1, 1])
+    preds = np.array([0, 0, 1, 1, 2])
+    probs = np.eye(3)[preds] * 0.7 + 0.1  # argmax = preds
+    r = compute_from(probs, labels, ["a", "b", "c"])
+    m = r.metrics
+    assert r.confusion.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 0]]
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["sensitivity_a"] == pytest.approx(2 / 3) and m["sensitivity_b"] == pytest.approx(1 / 2)
+    assert math.isnan(m["sensitivity_c"]) and math.isnan(m["auc_c"])  # absent: NaN, not 0
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["specificity_a"] == pytest.approx(1.0) and m["specificity_b"] == pytest.approx(2 / 3)
+    assert m["specificity_c"] == pytest.approx(4 / 5)
+    # F1 = 2TP / (2TP + FP + FN): a 4/5, b 2/4, c 0 (predicted once, never true)
+    assert m["f1_a"] == pytest.approx(0.8) and m["f1_b"] == pytest.approx(0.5) and m["f1_c"] == 0.0
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 0.0) / 3)
+    # AUC of class a: scores 0.8 for the 2 predicted a's, 0.1 otherwise; positives {0,1,2}: pairs (pos, neg) = 6,
+    # positive 0.8 > negative 0.1: 2 x 2 = 4 wins; positive 2 (0.1) ties 2 negatives: 2 halves -> 5 / 6
+    assert m["auc_a"] == pytest.approx(5 / 6)
+
+
+def test_one_class_only():
+    labels = np.zeros(4, dtype=int)
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    m = compute_from(probs, labels, ["neg", "pos"]).metrics
+    assert m["accuracy"] == pytest.approx(0.75) and m["balanced_accuracy"] == pytest.approx(0.75)
+    assert math.isnan(m["auc_neg"]) and math.isnan(m["auc_pos"]) and math.isnan(m["auc_macro"])
+    assert math.isnan(m["sensitivity_pos"]) and math.isnan(m["specificity_neg"])  # no negatives of class neg
+    assert m["specificity_pos"] == pytest.approx(0.75)
+    assert m["f1_neg"] == pytest.approx(6 / 7) and m["f1_pos"] == 0.0
+
+
+def test_bootstrap_ci_brackets_the_value():
+    from classification.metrics import bootstrap_ci
+
+    probs, labels = _predictions(80, 3, seed=3)
+    ci = bootstrap_ci(probs, labels, n_boot=60, seed=1)
+    for m, v in ci.items():
+        assert v["low"] <= v["value"] <= v["high"], m
+        assert 0.0 < v["high"] - v["low"] < 0.5 and v["n_boot"] == 60
+    assert ci == bootstrap_ci(probs, labels, n_boot=60, seed=1)  # seeded
+    perfect = bootstrap_ci(np.eye(3)[labels], labels, n_boot=20)
+    assert perfect["accuracy"]["low"] == perfect["accuracy"]["high"] == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_main_scores_equal_compute_from(seed):
+    from classification.metrics import BOOTSTRAP_METRICS, main_scores
+
+    probs, labels = _predictions(50, 3, seed=seed)
+    if seed:  # a class absent, one predicted-only
+        probs, labels = probs[labels != 2], labels[labels != 2]
+    full = compute_from(probs, labels).metrics
+    fast = main_scores(probs, labels)
+    for m in BOOTSTRAP_METRICS:
+        assert fast[m] == pytest.approx(full[m], nan_ok=True), m

@@ -16,6 +16,7 @@ Held-out data:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -101,6 +102,7 @@ class ClassifierTask(Task):
         if isinstance(prepared, Exception):
             raise prepared
         self.index, self.fold, n_test, n_outer_val = prepared
+        self.cache_dir = str(Path(study_dir) / "data_cache")  # one image cache for every trial of the study
         held = f"test split {n_test}" if n_test else "no test split (set --test-fraction to keep one)"
         return (
             f"{cfg.data}: {self.index.describe()}; tuning on inner fold 0 of outer fold {self.tune_fold}'s training "
@@ -129,6 +131,8 @@ class ClassifierTask(Task):
         index, fold = self.index, self.fold
         if index is None or fold is None:
             raise RuntimeError("ClassifierTask.prepare must run before train")
+        if cfg.cache and not cfg.cache_dir:
+            cfg = dataclasses.replace(cfg, cache_dir=getattr(self, "cache_dir", ""))
         return fold_run(cfg, index, fold).fit(on_epoch_end)
 
 
