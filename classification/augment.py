@@ -78,7 +78,7 @@ class TrainPipeline:
         policy: "basic" (brightness/contrast 0.2), "trivial" (photometric TrivialAugmentWide), "randaugment".
         scale: area range of the random resized crop.
         rotation: maximum rotation in degrees, either way.
-        elastic: probability of an elastic deformation (alpha 30, sigma 5 px).
+        elastic: probability of an elastic deformation (alpha 30, sigma 5 px, at most a tenth of the side).
         speckle: sigma of the multiplicative noise (applied to half of the images; 0: none).
     """
 
@@ -97,7 +97,10 @@ class TrainPipeline:
             v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR) if rotation > 0 else None,
             v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
             v2.RandomHorizontalFlip(0.5),
-            v2.RandomApply([v2.ElasticTransform(alpha=30.0, sigma=5.0)], p=elastic) if elastic > 0 else None,
+            # sigma capped for small images: the blur kernel (8 sigma + 1) must be narrower than the image.
+            v2.RandomApply([v2.ElasticTransform(alpha=30.0, sigma=min(5.0, image_size / 10))], p=elastic)
+            if elastic > 0
+            else None,
         ]
         self.geometric = v2.Compose([op for op in geometric if op is not None])
         self.photometric = {
