@@ -37,7 +37,7 @@ from hvdtrain.config import to_dict
 
 from .config import UNetConfig
 from .inference import predict_probabilities
-from .io import Case, EmptyDatasetError, list_cases, read_nifti
+from .io import Case, EmptyDatasetError, list_cases, read_image
 from .losses import DeepSupervisionLoss, DiceLoss
 from .metrics import DiceMetric
 from .preprocess import CachedCase, PreprocessParams, invert_to_original, preprocess_arrays, preprocess_dataset
@@ -252,8 +252,8 @@ class Predictor:
         return invert_to_original(prob, geometry)
 
     def predict_file(self, path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-        """(source NIfTI, uint8 mask on its grid)."""
-        nifti, data = read_nifti(path)
+        """(source as NIfTI (any format `read_image` reads), uint8 mask on its grid)."""
+        nifti, data = read_image(path)
         return nifti, (self.probabilities(data, nifti.affine) > self.threshold).astype(np.uint8)
 
 
