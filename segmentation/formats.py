@@ -181,8 +181,21 @@ def dicom_files(folder: Path) -> dict[str, list[tuple[Path, object]]]:
             continue  # LIDC folders hold the readers' XML beside the slices
         except Exception as e:  # truncated or corrupt DICOM: pydicom raises several kinds
             raise ImageReadError(f"cannot read DICOM file {p}: {type(e).__name__}: {e}") from e
-        series[str(getattr(ds, "SeriesInstanceUID", ""))].append((p, ds))
+        if "SeriesInstanceUID" not in ds:
+            raise ImageReadError(f"DICOM file {p} has no SeriesInstanceUID (truncated or not an image)")
+        series[str(ds.SeriesInstanceUID)].append((p, ds))
     return dict(series)
+
+
+def _bad_slice(files: list[Path]) -> str:
+    """The first slice ITK cannot read on its own, with ITK's reason (only called after the series failed)."""
+    sitk = _sitk()
+    for p in files:
+        try:
+            sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+        except RuntimeError as e:
+            return f"{p}: {str(e).strip().splitlines()[-1]}"
+    return "no single slice fails on its own"
 
 
 def _sorted_slices(folder: Path, slices: list[tuple[Path, object]]) -> list[Path]:
@@ -244,5 +257,5 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         image = reader.Execute()  # GDCM applies RescaleSlope/RescaleIntercept
     except RuntimeError as e:
-        raise ImageReadError(f"cannot read the DICOM series in {folder}: {str(e).strip().splitlines()[-1]}") from e
+        raise ImageReadError(f"cannot read the DICOM series in {folder}: {_bad_slice(files)}") from e
     return _squeeze_3d(sitk.GetArrayFromImage(image), folder), itk_affine(image)
