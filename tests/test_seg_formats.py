@@ -214,3 +214,23 @@ def test_label_grid_differs_from_image(tmp_path):
     with pytest.raises(CaseMismatchError, match=r"a\.seg\.nrrd has shape \(11, 9, 5\)"):
         load_pair(list_cases(tmp_path)[0])
     assert issubclass(CaseMismatchError, DataError)
+
+
+def test_preprocessing_cache_reads_dicom_and_nrrd(tmp_path):
+    from segmentation.io import Case
+    from segmentation.preprocess import PreprocessParams, preprocess_dataset
+
+    hu = np.random.default_rng(3).integers(-1000, 400, (8, 6, 5)).astype(float)
+    files = write_series(tmp_path / "ct", hu)
+    nifti, _ = read_image(tmp_path / "ct")
+    write_mask((hu > 0).astype(np.uint8), nifti, tmp_path / "ct_label.nrrd")
+    case = Case("ct", tmp_path / "ct", tmp_path / "ct_label.nrrd")
+    (entry,) = preprocess_dataset([case], tmp_path / "cache", PreprocessParams())
+    img, lab = entry.arrays()
+    # DICOM columns run to the patient's left and rows to posterior (LPS): RAS canonical order flips both.
+    ras = np.flip(hu, (0, 1))
+    assert img.shape == hu.shape and np.array_equal(lab, (ras > 0).astype(np.uint8))
+    assert np.allclose(img, (np.clip(ras, -1000, 400) + 1000) / 1400, atol=1e-6)
+    write_series(tmp_path / "ct", hu + 1, names=[f.name for f in files])  # slices replaced in place
+    (again,) = preprocess_dataset([case], tmp_path / "cache", PreprocessParams())
+    assert again.image != entry.image  # a new cache entry, not the stale one
