@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -26,9 +27,9 @@ from segmentation.formats import is_dicom_dir
 from segmentation.io import (
     IMAGE_SUFFIXES,
     Case,
-    CaseMismatchError,
     DataError,
     case_id_of,
+    check_pair,
     list_cases,
     read_image,
     write_mask,
@@ -48,11 +49,10 @@ def _cases(path: Path, split: str) -> list[Case]:
     return list_cases(path, split)
 
 
-def _score(metric: DiceMetric, case: Case, mask: np.ndarray) -> str:
+def _score(metric: DiceMetric, case: Case, image: nib.Nifti1Image, mask: np.ndarray) -> str:
     """Dice and the predicted voxels outside the label (the false positives a lung mask should remove)."""
-    _, label = read_image(case.label)
-    if label.shape != mask.shape:
-        raise CaseMismatchError(f"label {case.label} has shape {label.shape} but image {case.image} has {mask.shape}")
+    label_img, label = read_image(case.label)
+    check_pair(image, label_img, case.image, case.label)  # same grid, or a CaseMismatchError naming both
     dice = metric.update(case.case_id, mask, label > 0)
     outside = metric.rows[-1]["fp"]
     return (
@@ -77,7 +77,7 @@ def _predict_case(
     paths = [write_mask(mask, nifti, out / f"{case.case_id}{args.suffix}{s}") for s in SUFFIXES[args.format]]
     line += f" -> {', '.join(map(str, paths))} ({time.perf_counter() - t0:.1f} s)"
     if case.label is not None:
-        line += _score(metric, case, mask)
+        line += _score(metric, case, nifti, mask)
     print(line, flush=True)
     return paths
 

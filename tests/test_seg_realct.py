@@ -18,7 +18,7 @@ import torch
 from jobs import predict
 from segmentation.config import UNetConfig
 from segmentation.engine import build_model, checkpoint_config, model_kwargs
-from segmentation.io import read_image, write_mask
+from segmentation.io import CaseMismatchError, read_image, write_mask
 from segmentation.lungmask import axial_axis, lung_mask
 from segmentation.phantoms import PhantomSpec, make_phantom
 from segmentation.preprocess import spacing_of
@@ -154,3 +154,12 @@ def test_predict_job_exits_non_zero_naming_the_file(tmp_path):
     )
     assert proc.returncode == 2 and "ct.mhd: its data file" in proc.stderr and "Traceback" not in proc.stderr
     assert predict.cli(["--checkpoint", str(ckpt), str(tmp_path / "nothere.nrrd"), "--out", str(tmp_path / "o")]) == 2
+    # A label on another grid than its image: named, not scored against the wrong voxels.
+    for sub, origin in (("images", (0.0, 0.0, 0.0)), ("labels", (3.0, 0.0, 0.0))):
+        img = sitk.GetImageFromArray(np.zeros((16, 16, 16), np.int16))
+        img.SetOrigin(origin)
+        (tmp_path / "ds" / sub).mkdir(parents=True)
+        sitk.WriteImage(img, str(tmp_path / "ds" / sub / "a.nrrd"))
+    args = ["--checkpoint", str(ckpt), str(tmp_path / "ds"), "--out", str(tmp_path / "o"), "--split", "train"]
+    with pytest.raises(CaseMismatchError, match=r"labels/a\.nrrd and image .*images/a\.nrrd"):
+        predict.main(args)
