@@ -1,40 +1,94 @@
 """Predict nodule masks with a trained U-Net: `python -m jobs.predict --checkpoint CKPT INPUT --out DIR`.
 
-INPUT is a NIfTI file or a folder (a Decathlon dataset: its `test` list, or `--split`; a plain dataset's
-`images/`; or a folder of `.nii.gz` files). Each mask is written as `DIR/NAME_mask.nii.gz` (uint8, 1 = nodule)
-with the input's affine and header, on the input's voxel grid: the preprocessing of the checkpoint's config is
-applied, then undone (probabilities resampled back, axes reoriented back). When the input has a label (a
-Decathlon `training`/`validation` entry or a plain layout's `labels/`) its Dice is printed and written to
-`DIR/dice.csv`.
+INPUT is an image (NIfTI, NRRD, MetaImage or a folder of DICOM slices) or a dataset folder (a Decathlon dataset:
+its `test` list, or `--split`; a plain dataset's `images/`; or a folder of images). Each mask is written as
+`DIR/NAME_mask.nii.gz` (uint8, 1 = nodule; `--format nrrd` or `both` for `.nrrd`, what 3D Slicer opens) on the
+input's voxel grid and world geometry: the preprocessing of the checkpoint's config is applied, then undone
+(probabilities resampled back, axes reoriented back). `--lung-mask` keeps only predictions inside the lungs
+(segmentation.lungmask: for whole CTs, where a model trained on crops fires on soft tissue). When the input has a
+label (a Decathlon `training`/`validation` entry or a plain layout's `labels/`) its Dice and the count of predicted
+voxels outside the label are printed and written to `DIR/dice.csv`. Bad input exits with status 2 and names the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
 
-from segmentation.engine import model_from_checkpoint
-from segmentation.io import NIFTI_SUFFIXES, Case, case_id_of, list_cases, read_nifti, write_mask
+from segmentation.engine import Predictor, model_from_checkpoint
+from segmentation.formats import is_dicom_dir
+from segmentation.io import (
+    IMAGE_SUFFIXES,
+    Case,
+    DataError,
+    case_id_of,
+    check_pair,
+    list_cases,
+    read_image,
+    write_mask,
+)
+from segmentation.lungmask import axial_axis, lung_mask
 from segmentation.metrics import DiceMetric, write_per_case_csv
+from segmentation.preprocess import spacing_of
+
+SUFFIXES = {"nifti": (".nii.gz",), "nrrd": (".nrrd",), "both": (".nii.gz", ".nrrd")}
 
 
 def _cases(path: Path, split: str) -> list[Case]:
-    if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
+    if (path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)) or is_dicom_dir(path):
         return [Case(case_id_of(path), path)]
     if not path.exists():
         raise FileNotFoundError(f"input {path} does not exist")
     return list_cases(path, split)
 
 
+def _score(metric: DiceMetric, case: Case, image: nib.Nifti1Image, mask: np.ndarray) -> str:
+    """Dice and the predicted voxels outside the label (the false positives a lung mask should remove)."""
+    label_img, label = read_image(case.label)
+    check_pair(image, label_img, case.image, case.label)  # same grid, or a CaseMismatchError naming both
+    dice = metric.update(case.case_id, mask, label > 0)
+    outside = metric.rows[-1]["fp"]
+    return (
+        "; Dice "
+        + ("n/a (empty ground truth)" if math.isnan(dice) else f"{dice:.4f}")
+        + f", {outside} outside the label"
+    )
+
+
+def _predict_case(
+    predictor: Predictor, case: Case, args: argparse.Namespace, out: Path, metric: DiceMetric
+) -> list[Path]:
+    """Predict, restrict to the lungs on request, write the mask file(s) and print one line."""
+    t0 = time.perf_counter()
+    nifti, mask = predictor.predict_file(case.image)
+    line = f"{case.case_id}: {int(mask.sum())} nodule voxels"
+    if args.lung_mask:
+        spacing = spacing_of(nifti.affine)
+        lungs = lung_mask(np.asanyarray(nifti.dataobj), spacing, axial_axis(nifti.affine))
+        mask = (mask & lungs).astype(np.uint8)
+        line += f", {int(mask.sum())} inside the lung mask ({lungs.sum() * np.prod(spacing) / 1e6:.2f} L)"
+    paths = [write_mask(mask, nifti, out / f"{case.case_id}{args.suffix}{s}") for s in SUFFIXES[args.format]]
+    line += f" -> {', '.join(map(str, paths))} ({time.perf_counter() - t0:.1f} s)"
+    if case.label is not None:
+        line += _score(metric, case, nifti, mask)
+    print(line, flush=True)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("input", help="NIfTI file or dataset folder")
+    p.add_argument("input", help="image (NIfTI, NRRD, MetaImage, DICOM folder) or dataset folder")
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt written by jobs.train_unet")
     p.add_argument("--out", required=True, help="output folder for NAME_mask.nii.gz")
+    p.add_argument("--format", default="nifti", choices=tuple(SUFFIXES), help="mask files: .nii.gz, .nrrd or both")
+    p.add_argument("--lung-mask", action="store_true", help="keep predictions inside an HU-threshold lung mask")
     p.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: the checkpoint's)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="dataset list (default: test)")
     p.add_argument("--suffix", default="_mask", help="appended to the case name (default: _mask; '' keeps it)")
@@ -50,27 +104,29 @@ def main(argv: list[str] | None = None) -> list[Path]:
     metric = DiceMetric()
     written = []
     for case in _cases(Path(args.input), args.split):
-        t0 = time.perf_counter()
-        nifti, mask = predictor.predict_file(case.image)
-        path = write_mask(mask, nifti, out / f"{case.case_id}{args.suffix}.nii.gz")
-        written.append(path)
-        line = f"{case.case_id}: {int(mask.sum())} nodule voxels -> {path} ({time.perf_counter() - t0:.1f} s)"
-        if case.label is not None:
-            _, label = read_nifti(case.label)
-            dice = metric.update(case.case_id, mask, label)
-            line += "; Dice " + ("n/a (empty ground truth)" if math.isnan(dice) else f"{dice:.4f}")
-        print(line, flush=True)
+        written += _predict_case(predictor, case, args, out, metric)
     if metric.rows:
-        summary = metric.finalize(dict(zip(metric.fields, metric.stats.tolist())))
+        totals = dict(zip(metric.fields, metric.stats.tolist()))
+        summary = metric.finalize(totals)
         write_per_case_csv(metric.rows, out / "dice.csv")
         print(
             f"mean Dice {summary['dice']:.4f} over {summary['scored_cases']} case(s) "
             f"({summary['empty_cases']} with empty ground truth, {summary['empty_fp_cases']} of them with false "
-            f"positives); per case: {out / 'dice.csv'}"
+            f"positives); {int(totals['fp'])} predicted voxels outside the labels; per case: {out / 'dice.csv'}"
         )
     print(f"wrote {len(written)} mask(s) to {out}")
     return written
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`main` with bad input reported as one line naming the file, and exit status 2."""
+    try:
+        main(argv)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -38,7 +38,7 @@ from hvdtrain.config import to_dict
 
 from .config import UNetConfig
 from .inference import predict_probabilities
-from .io import Case, EmptyDatasetError, list_cases, read_nifti
+from .io import Case, EmptyDatasetError, list_cases, read_image
 from .losses import DeepSupervisionLoss, DiceLoss
 from .metrics import DiceMetric
 from .postprocess import postprocess_mask
@@ -321,8 +321,8 @@ class Predictor:
         return mask.astype(np.uint8)
 
     def predict_file(self, path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-        """(source NIfTI, uint8 mask on its grid)."""
-        nifti, data = read_nifti(path)
+        """(source as NIfTI (any format `read_image` reads), uint8 mask on its grid)."""
+        nifti, data = read_image(path)
         return nifti, self.mask(data, nifti.affine)
 
 

@@ -1,4 +1,4 @@
-"""LUNA16 to the Decathlon NIfTI layout: a small MetaImage reader, world/voxel conversion and spherical masks.
+"""LUNA16 to the Decathlon NIfTI layout: MetaImage reading, world/voxel conversion and spherical masks.
 
 LUNA16 ships `subsetN/<seriesuid>.mhd` + `.raw` (MetaImage, ITK's LPS world frame) and `annotations.csv`
 (`seriesuid, coordX, coordY, coordZ, diameter_mm`, nodule centres in world millimetres). For an index
@@ -9,15 +9,14 @@ LUNA16 ships `subsetN/<seriesuid>.mhd` + `.raw` (MetaImage, ITK's LPS world fram
 where D is the direction matrix whose column `a` is the direction of image axis `a`. MetaImage stores
 `TransformMatrix` as those axis directions one after the other, so `D = reshape(TransformMatrix, 3, 3).T`
 (ITK `MetaImageIO` sets direction `a` from entries `3a .. 3a+2`). NIfTI affines are RAS, so the written affine is
-`diag(-1, -1, 1) @ [D * spacing | origin]`, and the voxel array is stored in (x, y, z) order. SimpleITK is not
-needed.
+`diag(-1, -1, 1) @ [D * spacing | origin]`, and the voxel array is stored in (x, y, z) order. Reading and writing
+go through SimpleITK (segmentation.formats).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .formats import itk_geometry, read_itk, write_itk
 from .io import DataError
 
 __all__ = [
@@ -70,112 +70,22 @@ class MetaImage:
         return m
 
 
-def _parse_header(path: Path) -> tuple[dict[str, str], int]:
-    """Header fields and the byte offset where header lines end (for LOCAL data)."""
-    fields: dict[str, str] = {}
-    with open(path, "rb") as f:
-        offset = 0
-        for raw in f:
-            offset += len(raw)
-            line = raw.decode("latin-1").strip()
-            if not line:
-                continue
-            if "=" not in line:
-                raise DataError(f"{path}: not a MetaImage header line: {line[:80]!r}")
-            key, value = (s.strip() for s in line.split("=", 1))
-            fields[key] = value
-            if key == "ElementDataFile":
-                return fields, offset
-    raise DataError(f"{path}: MetaImage header has no ElementDataFile")
-
-
-def _floats(fields: dict[str, str], keys: tuple[str, ...], n: int, default: list[float], path: Path) -> np.ndarray:
-    for key in keys:
-        if key in fields:
-            vals = [float(v) for v in fields[key].split()]
-            if len(vals) != n:
-                raise DataError(f"{path}: {key} has {len(vals)} values, expected {n}")
-            return np.array(vals)
-    return np.array(default, dtype=float)
-
-
 def read_mhd(path: str | Path) -> MetaImage:
-    """Read a 3-D `.mhd` (+ `.raw`/`.zraw`) or `.mha` MetaImage without SimpleITK.
+    """Read a 3-D `.mhd` (+ `.raw`/`.zraw`) or `.mha` MetaImage with SimpleITK, keeping its LPS geometry.
 
-    Understands ObjectType, NDims, DimSize, ElementSpacing (or ElementSize), Offset (or Origin, Position),
-    TransformMatrix (or Rotation, Orientation), ElementType (MET_CHAR ... MET_DOUBLE), ElementNumberOfChannels
-    (1 only), BinaryDataByteOrderMSB / ElementByteOrderMSB, CompressedData (zlib), HeaderSize and
-    ElementDataFile (a file name next to the header, or LOCAL).
+    Raises:
+        FileNotFoundError: no such header.
+        ImageReadError (a DataError): a missing or short data file, a corrupt header, not 3-D.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MetaImage header {path} does not exist")
-    fields, header_end = _parse_header(path)
-    if fields.get("ObjectType", "Image") != "Image":
-        raise DataError(f"{path}: ObjectType {fields['ObjectType']!r} is not Image")
-    ndims = int(fields.get("NDims", "3"))
-    if ndims != 3:
-        raise DataError(f"{path}: NDims = {ndims}; only 3-D images are supported")
-    if int(fields.get("ElementNumberOfChannels", "1")) != 1:
-        raise DataError(f"{path}: multi-channel MetaImages are not supported")
-    dims = [int(v) for v in fields["DimSize"].split()]
-    etype = fields.get("ElementType", "")
-    if etype not in _ELEMENT_TYPES:
-        raise DataError(f"{path}: unsupported ElementType {etype!r} (known: {', '.join(_ELEMENT_TYPES)})")
-    msb = fields.get("BinaryDataByteOrderMSB", fields.get("ElementByteOrderMSB", "False")).lower() == "true"
-    dtype = np.dtype(_ELEMENT_TYPES[etype]).newbyteorder(">" if msb else "<")
-    data_name = fields["ElementDataFile"]
-    if data_name == "LOCAL":
-        raw = path.read_bytes()[header_end:]
-    else:
-        data_path = path.parent / data_name
-        if not data_path.is_file():
-            raise FileNotFoundError(f"{path}: its data file {data_path} does not exist")
-        raw = data_path.read_bytes()
-    if fields.get("CompressedData", "False").lower() == "true":
-        try:
-            raw = zlib.decompress(raw)
-        except zlib.error as e:
-            raise DataError(f"{path}: compressed data cannot be decompressed ({e})") from e
-    skip = int(fields.get("HeaderSize", "0"))
-    n = int(np.prod(dims))
-    if skip == -1:  # MetaIO: the data are the last bytes of the file
-        skip = len(raw) - n * dtype.itemsize
-    if len(raw) - skip < n * dtype.itemsize:
-        raise DataError(f"{path}: data hold {len(raw) - skip} bytes, expected {n * dtype.itemsize} for {dims} {etype}")
-    flat = np.frombuffer(raw, dtype=dtype, count=n, offset=skip)
-    # x varies fastest on disk: C order (z, y, x), transposed to (x, y, z).
-    array = flat.reshape(dims[::-1]).transpose(2, 1, 0).astype(dtype.newbyteorder("="))
-    spacing = _floats(fields, ("ElementSpacing", "ElementSize"), 3, [1.0, 1.0, 1.0], path)
-    origin = _floats(fields, ("Offset", "Origin", "Position"), 3, [0.0, 0.0, 0.0], path)
-    tm = _floats(fields, ("TransformMatrix", "Rotation", "Orientation"), 9, list(np.eye(3).ravel()), path)
-    return MetaImage(array, origin, spacing, tm.reshape(3, 3).T)
+    array, affine = read_itk(path)
+    origin, spacing, direction = itk_geometry(affine, path)
+    return MetaImage(array, np.array(origin), np.array(spacing), np.array(direction).reshape(3, 3))
 
 
-def write_mhd(path: str | Path, image: MetaImage, element_type: str = "MET_SHORT", msb: bool = False) -> Path:
-    """Write `image` as `path` (.mhd) + `path.with_suffix('.raw')` (used by the tests and for round trips)."""
-    path = Path(path)
-    raw_path = path.with_suffix(".raw")
-    dtype = np.dtype(_ELEMENT_TYPES[element_type]).newbyteorder(">" if msb else "<")
-    fmt = lambda a: " ".join(f"{float(v):.10g}" for v in np.ravel(a))
-    header = [
-        "ObjectType = Image",
-        "NDims = 3",
-        "BinaryData = True",
-        f"BinaryDataByteOrderMSB = {msb}",
-        "CompressedData = False",
-        f"TransformMatrix = {fmt(image.direction.T)}",
-        f"Offset = {fmt(image.origin)}",
-        "CenterOfRotation = 0 0 0",
-        "AnatomicalOrientation = RAI",
-        f"ElementSpacing = {fmt(image.spacing)}",
-        f"DimSize = {' '.join(str(d) for d in image.array.shape)}",
-        f"ElementType = {element_type}",
-        f"ElementDataFile = {raw_path.name}",
-    ]
-    path.write_text("\n".join(header) + "\n")
-    raw_path.write_bytes(np.ascontiguousarray(image.array.transpose(2, 1, 0), dtype=dtype).tobytes())
-    return path
+def write_mhd(path: str | Path, image: MetaImage, element_type: str = "MET_SHORT") -> Path:
+    """Write `image` as `path` (.mhd) + `path.with_suffix('.raw')` with SimpleITK (tests and round trips)."""
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.index_to_world()
+    return write_itk(image.array.astype(_ELEMENT_TYPES[element_type]), ras, path, compress=False)
 
 
 def world_to_voxel(world: np.ndarray, origin: np.ndarray, spacing: np.ndarray, direction: np.ndarray) -> np.ndarray:

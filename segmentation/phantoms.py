@@ -253,7 +253,7 @@ def _import_pylidc():
     for name, typ in (("int", int), ("float", float), ("bool", bool)):
         if not hasattr(np, name):
             setattr(np, name, typ)  # pylidc calls .astype(np.int), removed in numpy 1.24
-    if importlib.util.find_spec("pkg_resources") is None:
+    if "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None:  # idempotent
         shim = types.ModuleType("pkg_resources")
         shim.resource_filename = lambda pkg, name: os.path.join(
             os.path.dirname(importlib.util.find_spec(pkg).origin), name

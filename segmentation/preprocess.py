@@ -189,8 +189,10 @@ def _stamp(paths: Sequence[Path | None]) -> str:
     parts = []
     for p in paths:
         if p is not None:
-            st = os.stat(p)
-            parts.append(f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+            # A DICOM series is a folder: stamp its files (a slice replaced in place leaves the folder's mtime).
+            for f in sorted(Path(p).iterdir()) if Path(p).is_dir() else [Path(p)]:
+                st = os.stat(f)
+                parts.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:10]
 
 

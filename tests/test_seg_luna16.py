@@ -43,8 +43,13 @@ def test_world_voxel_round_trip():
 @pytest.mark.parametrize("msb", [False, True])
 def test_mhd_write_read(tmp_path, msb):
     img = _image()
-    path = write_mhd(tmp_path / f"{UID}.mhd", img, msb=msb)
+    path = write_mhd(tmp_path / f"{UID}.mhd", img)
     assert "TransformMatrix = 0 -1 0 1 0 0 0 0 1" in path.read_text()  # axis directions, one after the other
+    if msb:  # SimpleITK writes the machine's byte order; a big-endian file (old scanners' exports) by hand
+        raw = path.with_suffix(".raw")
+        raw.write_bytes(np.frombuffer(raw.read_bytes(), "<i2").astype(">i2").tobytes())
+        path.write_text(path.read_text().replace("ByteOrderMSB = False", "ByteOrderMSB = True"))
+        assert path.read_text().count("ByteOrderMSB = True") >= 1
     back = read_mhd(path)
     assert np.array_equal(back.array, img.array) and back.array.dtype == np.int16
     assert np.allclose(back.direction, DIRECTION) and np.allclose(back.origin, ORIGIN)
