@@ -36,6 +36,7 @@ from segmentation.io import (
 )
 from segmentation.lungmask import axial_axis, lung_mask
 from segmentation.metrics import DiceMetric, write_per_case_csv
+from segmentation.postprocess import POSTPROCESS
 from segmentation.preprocess import spacing_of
 
 SUFFIXES = {"nifti": (".nii.gz",), "nrrd": (".nrrd",), "both": (".nii.gz", ".nrrd")}
@@ -90,6 +91,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--format", default="nifti", choices=tuple(SUFFIXES), help="mask files: .nii.gz, .nrrd or both")
     p.add_argument("--lung-mask", action="store_true", help="keep predictions inside an HU-threshold lung mask")
     p.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: the checkpoint's)")
+    p.add_argument(
+        "--postprocess",
+        choices=POSTPROCESS,
+        help="mask post-processing (default: the checkpoint's; use none on whole CTs: the centre is not a nodule)",
+    )
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="dataset list (default: test)")
     p.add_argument("--suffix", default="_mask", help="appended to the case name (default: _mask; '' keeps it)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
@@ -99,6 +105,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     predictor = model_from_checkpoint(args.checkpoint, device, args.overlap)
+    if args.postprocess:
+        predictor.postprocess = args.postprocess
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metric = DiceMetric()

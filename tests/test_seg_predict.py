@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import torch
@@ -9,7 +11,7 @@ from torch import nn
 
 from jobs import predict
 from segmentation.config import UNetConfig
-from segmentation.engine import Predictor, build_model, checkpoint_config, model_kwargs
+from segmentation.engine import Predictor, build_model, checkpoint_config, model_from_checkpoint, model_kwargs
 from segmentation.phantoms import PhantomSpec, write_decathlon
 from segmentation.preprocess import PreprocessParams
 
@@ -93,3 +95,29 @@ def test_predict_job_writes_masks_with_input_geometry(tmp_path, capsys):
         ]
     )
     assert single[0].is_file()
+
+
+def test_predict_applies_the_checkpoints_post_processing_or_the_override(tmp_path):
+    from scipy import ndimage
+
+    write_decathlon(tmp_path / "ph", 1, 1, 1, seed=0, spec=SPEC)
+    image = str(tmp_path / "ph" / "imagesTs" / "phantom_002.nii.gz")
+    cfg = UNetConfig(features=4, depth=2, patch_size=(16, 16, 16), postprocess="center_component")
+    torch.manual_seed(3)
+    model = build_model(model_kwargs(cfg))
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "config": checkpoint_config(cfg)}, ckpt)
+    img = nib.load(image)
+    prob = model_from_checkpoint(ckpt).probabilities(np.asarray(img.dataobj), img.affine)
+    # The untrained net's top 10% of voxels are scattered: several components without the post-processing.
+    cfg = dataclasses.replace(cfg, threshold=float(np.quantile(prob, 0.9)))
+    torch.save({"model": model.state_dict(), "config": checkpoint_config(cfg)}, ckpt)
+
+    def mask(*extra):
+        out = predict.main(["--checkpoint", str(ckpt), image, "--out", str(tmp_path / str(len(extra))), *extra])
+        return np.asarray(nib.load(str(out[0])).dataobj).astype(bool)
+
+    raw, post = mask("--postprocess", "none"), mask()
+    n_raw = ndimage.label(raw, structure=np.ones((3, 3, 3)))[1]
+    n_post = ndimage.label(post, structure=np.ones((3, 3, 3)))[1]
+    assert n_raw > 1 and n_post == 1 and post.sum() < raw.sum() and not (post & ~raw).any()
