@@ -53,15 +53,21 @@ def _launched_size() -> int:
     return 1
 
 
-def init(threads: int | None = None) -> DistInfo:
+def init(threads: int | None = None, stall_timeout: float = 0.0) -> DistInfo:
     """Initialise the ranks (idempotent) and set the per-rank CPU thread count.
 
     Under a launcher (horovodrun, mpirun, srun) Horovod is initialised; a plain `python` run is one rank without
-    Horovod. Threads default to cores / local ranks so that ranks sharing a node do not oversubscribe it.
+    Horovod. Threads default to cores / local ranks so that ranks sharing a node do not oversubscribe it. With
+    `stall_timeout` (the watchdog's, in seconds) Horovod's stall inspector names the ranks that did not arrive before
+    the watchdog ends the job.
     """
     global _info, _hvd
     if _info is None:
         if _launched_size() > 1:
+            if stall_timeout > 0:  # read by hvd.init(); an explicit setting in the environment wins
+                from .watchdog import stall_check_seconds
+
+                os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(stall_check_seconds(stall_timeout)))
             import horovod.torch as hvd  # hvd: imported only here and in optim.py
 
             hvd.init()  # hvd:

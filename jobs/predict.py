@@ -18,8 +18,18 @@ from pathlib import Path
 import torch
 
 from segmentation.engine import model_from_checkpoint
-from segmentation.io import NIFTI_SUFFIXES, Case, case_id_of, list_cases, read_nifti, write_mask
+from segmentation.io import (
+    NIFTI_SUFFIXES,
+    Case,
+    case_id_of,
+    check_binary_label,
+    check_pair,
+    list_cases,
+    read_nifti,
+    write_mask,
+)
 from segmentation.metrics import DiceMetric, write_per_case_csv
+from segmentation.validate import check_volume
 
 
 def _cases(path: Path, split: str) -> list[Case]:
@@ -28,6 +38,17 @@ def _cases(path: Path, split: str) -> list[Case]:
     if not path.exists():
         raise FileNotFoundError(f"input {path} does not exist")
     return list_cases(path, split)
+
+
+def _checked_label(case: Case):  # noqa: ANN202
+    """The case's label checked as training checks it (grid of the image, finite, 0/1), or None."""
+    if case.label is None:
+        return None
+    image, _ = read_nifti(case.image)
+    label_img, label = read_nifti(case.label)
+    check_pair(image, label_img, case.image, case.label)
+    check_volume(label, label_img.affine, case.label, "label")
+    return check_binary_label(label, case.label)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -51,12 +72,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     written = []
     for case in _cases(Path(args.input), args.split):
         t0 = time.perf_counter()
+        label = _checked_label(case)  # before the prediction: a bad label stops the job before any mask is written
         nifti, mask = predictor.predict_file(case.image)
         path = write_mask(mask, nifti, out / f"{case.case_id}{args.suffix}.nii.gz")
         written.append(path)
         line = f"{case.case_id}: {int(mask.sum())} nodule voxels -> {path} ({time.perf_counter() - t0:.1f} s)"
-        if case.label is not None:
-            _, label = read_nifti(case.label)
+        if label is not None:
             dice = metric.update(case.case_id, mask, label)
             line += "; Dice " + ("n/a (empty ground truth)" if math.isnan(dice) else f"{dice:.4f}")
         print(line, flush=True)

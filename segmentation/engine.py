@@ -43,6 +43,7 @@ from .metrics import DiceMetric
 from .preprocess import CachedCase, PreprocessParams, invert_to_original, preprocess_arrays, preprocess_dataset
 from .sampling import Augment, PatchDataset, VolumeDataset
 from .unet import UNet3D
+from .validate import check_volume
 
 __all__ = [
     "model_kwargs",
@@ -254,6 +255,7 @@ class Predictor:
     def predict_file(self, path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
         """(source NIfTI, uint8 mask on its grid)."""
         nifti, data = read_nifti(path)
+        check_volume(data, nifti.affine, path)
         return nifti, (self.probabilities(data, nifti.affine) > self.threshold).astype(np.uint8)
 
 

@@ -1,0 +1,107 @@
+"""A hung-rank watchdog: end the job when no optimizer step (or evaluation) completes within a time limit.
+
+A rank that hangs (a stopped process, a dead NIC, a GPU stuck in a kernel) leaves the others blocked inside a
+collective, where neither Python signal handlers nor exceptions run: under mpirun/srun such a job otherwise waits
+for the scheduler's wall limit. A daemon thread here notices that the main thread made no progress, prints where
+this rank waited and every thread's stack (faulthandler), leaves `RUN_DIR/STALLED`, and ends the process with
+`STALL_EXIT_CODE` through `os._exit` (which works while the main thread is blocked in C++). The launcher then
+ends the other ranks: mpirun and `srun --kill-on-bad-exit` kill the job when one rank exits non-zero.
+
+Which ranks did not arrive is known to Horovod's coordinator (rank 0): `dist.init(stall_timeout=...)` sets
+HOROVOD_STALL_CHECK_TIME_SECONDS so its stall inspector prints "missing ranks" before the watchdog fires.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["STALL_EXIT_CODE", "Watchdog", "start", "beat", "stop", "stall_check_seconds"]
+
+#: the exit code of a rank ended by the watchdog (sysexits EX_TEMPFAIL: worth a retry); job scripts requeue on it
+STALL_EXIT_CODE = 75
+
+_active: Watchdog | None = None
+
+
+def stall_check_seconds(timeout: float) -> int:
+    """Horovod's stall-inspector period for a watchdog `timeout`: its warning comes well before the watchdog."""
+    return max(1, int(timeout / 3))
+
+
+class Watchdog:
+    """Ends the process when `beat()` has not been called for `timeout` seconds.
+
+    Args:
+        timeout: seconds without progress before the process ends (0: never).
+        rank: this rank, for the message.
+        marker: a file to write before exiting (the job script's sign to requeue), or None.
+    """
+
+    def __init__(self, timeout: float, rank: int = 0, marker: Path | None = None):
+        self.timeout, self.rank, self.marker = timeout, rank, marker
+        self.last = time.monotonic()
+        self.where = "start-up (before the first optimizer step)"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hvdtrain-watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        if self.timeout > 0:
+            self._thread.start()
+        return self
+
+    def beat(self, where: str) -> None:
+        """Progress: `where` names what this rank waits for next (shown if it never comes)."""
+        self.last, self.where = time.monotonic(), where
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        period = min(1.0, self.timeout / 10)
+        while not self._stop.wait(period):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout:
+                self._fire(idle)
+
+    def _fire(self, idle: float) -> None:
+        msg = (
+            f"hvdtrain watchdog: rank {self.rank} made no progress for {idle:.0f} s (--stall-timeout "
+            f"{self.timeout:g}); it waited at {self.where}. Another rank did not arrive (hung, stopped or on a lost "
+            f"node): rank 0's Horovod stall warning above names the missing ranks. Exiting with code "
+            f"{STALL_EXIT_CODE} so the launcher ends the job and the job script requeues it."
+        )
+        print(msg, file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        if self.marker is not None:
+            try:  # any live rank may write it: rank 0 may be the one that hung
+                self.marker.write_text(f"rank {self.rank}: {msg}\n")
+            except OSError:
+                pass
+        sys.stdout.flush()
+        os._exit(STALL_EXIT_CODE)  # not sys.exit: the main thread is blocked in a collective and would never unwind
+
+
+def start(timeout: float, rank: int = 0, marker: Path | None = None) -> Watchdog:
+    """Start the process's watchdog (replacing an earlier one)."""
+    global _active
+    stop()
+    _active = Watchdog(timeout, rank, marker).start()
+    return _active
+
+
+def beat(where: str) -> None:
+    """Record progress on the running watchdog (nothing when none runs)."""
+    if _active is not None:
+        _active.beat(where)
+
+
+def stop() -> None:
+    global _active
+    if _active is not None:
+        _active.stop()
+        _active = None
