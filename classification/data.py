@@ -174,6 +174,8 @@ def load_rgb(path: str | Path) -> Image.Image:
             img.load()  # decode now: a truncated file fails here, not inside a training step
             check_pixels(img, p)
             return _pil_to_rgb(img)
+    except PixelValueError:
+        raise  # already names the file (and is a ValueError, which the clause below would wrap)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"cannot read image {p}: {e}") from e
 

@@ -263,8 +263,16 @@ def _trim_metrics(run_dir: Path, before_epoch: int) -> None:
     """Drop metrics.jsonl lines of epochs that the resumed run will train again (rank 0)."""
     path = run_dir / "metrics.jsonl"
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < before_epoch]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        lines = [ln for ln in path.read_text().splitlines() if _epoch_of(ln) < before_epoch]
+        RunLog.replace_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def _epoch_of(line: str) -> float:
+    """A metrics.jsonl line's epoch; a line cut short by a crash counts as not written (inf: dropped)."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def fit(
