@@ -7,14 +7,19 @@ this rank waited and every thread's stack (faulthandler), leaves `RUN_DIR/STALLE
 `STALL_EXIT_CODE` through `os._exit` (which works while the main thread is blocked in C++). The launcher then
 ends the other ranks: mpirun and `srun --kill-on-bad-exit` kill the job when one rank exits non-zero.
 
-Which ranks did not arrive is known to Horovod's coordinator (rank 0): `dist.init(stall_timeout=...)` sets
-HOROVOD_STALL_CHECK_TIME_SECONDS so its stall inspector prints "missing ranks" before the watchdog fires.
+Which ranks did not arrive: every rank's watchdog thread rewrites `RUN_DIR/.heartbeat/rank<R>.json` each period
+(the one file non-zero ranks write). A stopped or dead process stops beating, a live rank blocked elsewhere beats
+with its own position, so the rank that fires names both kinds (when the run folder is shared). Horovod's stall
+inspector (HOROVOD_STALL_CHECK_TIME_SECONDS, set by `dist.init(stall_timeout=...)`) also names ranks that are alive
+but never submitted a tensor; it cannot see a stopped process, whose absence blocks Horovod's own coordination.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -44,6 +49,8 @@ class Watchdog:
 
     def __init__(self, timeout: float, rank: int = 0, marker: Path | None = None):
         self.timeout, self.rank, self.marker = timeout, rank, marker
+        self.beats = marker.parent / ".heartbeat" if marker is not None else None
+        self.period = min(1.0, timeout / 10) if timeout > 0 else 1.0
         self.last = time.monotonic()
         self.where = "start-up (before the first optimizer step)"
         self._stop = threading.Event()
@@ -62,19 +69,54 @@ class Watchdog:
         self._stop.set()
 
     def _run(self) -> None:
-        period = min(1.0, self.timeout / 10)
-        while not self._stop.wait(period):
+        while not self._stop.wait(self.period):
             idle = time.monotonic() - self.last
             if idle > self.timeout:
                 self._fire(idle)
+            self._write_beat(idle)
+
+    def _write_beat(self, idle: float) -> None:
+        if self.beats is None:
+            return
+        try:
+            self.beats.mkdir(parents=True, exist_ok=True)
+            path = self.beats / f"rank{self.rank}.json"
+            tmp = path.with_name(f".{path.name}.tmp")
+            beat = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
+            tmp.write_text(json.dumps({**beat, "where": self.where, "idle_s": idle}))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # liveness reporting must never break training
+
+    def absent_ranks(self) -> list[str]:
+        """What the other ranks' heartbeat files say: silent processes, and ranks waiting elsewhere."""
+        lines = []
+        for path in sorted(self.beats.glob("rank*.json")) if self.beats is not None else []:
+            try:
+                b = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if b["rank"] == self.rank:
+                continue
+            age = time.time() - b["at"]
+            who = f"rank {b['rank']} ({b['host']} pid {b['pid']})"
+            if age > 3 * self.period + 2:
+                lines.append(
+                    f"{who}: silent for {age:.0f} s (stopped, dead or stuck outside Python), last at {b['where']}"
+                )
+            elif b["where"] != self.where:
+                lines.append(f"{who}: alive but waiting at {b['where']}")
+        return lines
 
     def _fire(self, idle: float) -> None:
         msg = (
             f"hvdtrain watchdog: rank {self.rank} made no progress for {idle:.0f} s (--stall-timeout "
             f"{self.timeout:g}); it waited at {self.where}. Another rank did not arrive (hung, stopped or on a lost "
-            f"node): rank 0's Horovod stall warning above names the missing ranks. Exiting with code "
+            f"node). Exiting with code "
             f"{STALL_EXIT_CODE} so the launcher ends the job and the job script requeues it."
         )
+        absent = self.absent_ranks()
+        msg += "\nRanks that did not arrive: " + ("; ".join(absent) if absent else "not known (no heartbeat visible)")
         print(msg, file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         if self.marker is not None:
