@@ -123,8 +123,9 @@ def allreduce(x: Any, op: str = "sum", name: str | None = None) -> Any:
     # float64 keeps sums of counts exact; sum then divide so both ops share one code path.
     out = t.to(torch.float64) if not t.is_floating_point() else t.clone()
     if _hvd is not None:
-        # A stable name per shape: unnamed ops get a fresh name each call and flood Horovod's response cache.
-        name = name or f"allreduce.{tuple(out.shape)}.{out.dtype}"
+        # A fixed name: unnamed ops get a fresh name each call, and names per shape one per volume size; both
+        # flood Horovod's response cache. The op is synchronous, so the name is never in flight twice.
+        name = name or f"allreduce.{out.dtype}"
         out = _hvd.allreduce(out, op=_hvd.Sum, name=name)  # hvd:
     if op == "mean":
         out = out / info().size
@@ -140,8 +141,25 @@ def allreduce_sum_grad(t: torch.Tensor) -> torch.Tensor:
     """Differentiable sum over ranks (identity with one rank): for losses that need global-batch statistics."""
     if _hvd is None:
         return t
-    # hvd: horovod.torch's allreduce has an autograd function; a stable name as in allreduce().
-    return _hvd.allreduce(t, op=_hvd.Sum, name=f"sum_grad.{tuple(t.shape)}.{t.dtype}")
+    return _SumGrad.apply(t)
+
+
+class _SumGrad(torch.autograd.Function):
+    """Sum over ranks whose backward is a sum too, both under fixed names.
+
+    horovod.torch's own autograd allreduce leaves the backward op unnamed: Horovod then names it afresh on every
+    call ("allreduce.noname.N"), each step adds entries to its response cache until it evicts ("A response has
+    been evicted from cache"), and names made per shape do the same with volumes of varying size. Both ops are
+    synchronous, so one name per direction is never in flight twice.
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return _hvd.allreduce(t, op=_hvd.Sum, name=f"sum_grad.{t.dtype}")  # hvd:
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return _hvd.allreduce(grad.contiguous(), op=_hvd.Sum, name=f"sum_grad.backward.{grad.dtype}")  # hvd:
 
 
 def broadcast_object(obj: Any, root: int = 0) -> Any:
