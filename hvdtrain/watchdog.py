@@ -116,7 +116,9 @@ class Watchdog:
             f"{STALL_EXIT_CODE} so the launcher ends the job and the job script requeues it."
         )
         absent = self.absent_ranks()
-        msg += "\nRanks that did not arrive: " + ("; ".join(absent) if absent else "not known (no heartbeat visible)")
+        msg += "\nRanks that did not arrive: " + (
+            "; ".join(absent) if absent else "none silent or elsewhere among the heartbeats visible here"
+        )
         print(msg, file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         if self.marker is not None:
