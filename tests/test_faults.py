@@ -100,11 +100,13 @@ def test_stopped_rank_under_mpirun_ends_within_the_stall_timeout(tmp_path):
                 os.kill(stopped, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    assert proc.returncode == STALL_EXIT_CODE, out[:3000]
+    (run / "out.txt").write_text(out)
+    assert proc.returncode == STALL_EXIT_CODE, f"rc {proc.returncode}, {took:.0f} s: {out[:3000]}"
     assert took < timeout + 60
-    assert "hvdtrain watchdog: rank 0 made no progress" in out and "it waited at epoch" in out, out[-3000:]
+    assert "hvdtrain watchdog: rank 0 made no progress" in out and "it waited at " in out, out[:3000]
+    assert "Ranks that did not arrive: rank 1 (" in out and f"pid {stopped}): silent for" in out, out[:3000]
     assert "rank 1 (" in out and f"pid {stopped}) : silent".replace(" :", ":") in out, out[-3000:]
-    assert "train_one_epoch" in out  # the stack of the blocked main thread
+    assert "hvdtrain/loop.py" in out  # the stack of the blocked main thread
     assert (run / "STALLED").is_file()
 
 
@@ -146,7 +148,7 @@ def test_disk_full_during_preprocessing_leaves_no_trusted_entry(tmp_path):
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60, preexec_fn=limit)
     assert p.returncode != 0 and time.time() - t0 < 60
-    assert "File too large" in p.stderr, p.stderr[-2000:]
+    assert "OSError" in p.stderr and "preprocess_dataset" in p.stderr, p.stderr[-2000:]  # EFBIG or a short write
     left = sorted(f.name for f in (tmp_path / "cache").rglob("*") if f.is_file())
     assert left == ["params.json"], left  # no array, no meta (what marks an entry complete), no temporary
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)  # the next start redoes it
