@@ -64,6 +64,23 @@ class ImageReadError(DataError):
     """An image file that PIL cannot decode."""
 
 
+class PixelValueError(ImageReadError):
+    """An image with no pixels or with non-finite pixels (float TIFFs): bad data that would train silently."""
+
+
+def check_pixels(img: Image.Image, path: Path) -> None:
+    """Raise PixelValueError for an empty image or a NaN/inf pixel (named by its row and column)."""
+    if img.width == 0 or img.height == 0:
+        raise PixelValueError(f"image {path} has no pixels (size {img.width}x{img.height})")
+    if img.mode == "F":  # float TIFFs; the integer modes of PNG and JPEG cannot hold NaN
+        a = np.asarray(img, dtype=np.float64)
+        bad = ~np.isfinite(a)
+        if bad.any():
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            n = int(bad.sum())
+            raise PixelValueError(f"image {path} has {n} non-finite pixel(s), the first at row {row} col {col}")
+
+
 @dataclass(frozen=True)
 class Sample:
     """One image and its integer label."""
@@ -155,7 +172,10 @@ def load_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(p) as img:
             img.load()  # decode now: a truncated file fails here, not inside a training step
+            check_pixels(img, p)
             return _pil_to_rgb(img)
+    except PixelValueError:
+        raise  # already names the file (and is a ValueError, which the clause below would wrap)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"cannot read image {p}: {e}") from e
 

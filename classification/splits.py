@@ -243,6 +243,11 @@ def load_splits(path: str | Path, index: ImageIndex | None = None) -> Splits:
         )
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{path} is not a {_FORMAT} file ({e})") from e
+    n = len(splits.paths)
+    used = [i for f in splits.folds for i in (*f.train, *f.val)] + splits.test
+    if any(not isinstance(i, int) or not 0 <= i < n for i in used):  # a hand-edited or truncated file
+        bad = next(i for i in used if not isinstance(i, int) or not 0 <= i < n)
+        raise DataError(f"{path} refers to sample {bad!r}, but it lists {n} samples (indices 0..{n - 1})")
     if index is not None:
         _match(splits, index, path)
     return splits

@@ -66,6 +66,7 @@ class TrainConfig:
     eval_every: int = arg(1, "validate every this many epochs (and at the last)")
     progress: bool = arg(True, "progress bar on rank 0")
     preempt_at_step: int = arg(0, "act as if the preemption signal came at this optimizer step (tests, drills)")
+    stall_timeout: float = arg(900.0, "exit 75 when no step or evaluation completes for this many seconds (0: off)")
 
 
 def _base_type(tp: Any) -> Any:

@@ -53,15 +53,21 @@ def _launched_size() -> int:
     return 1
 
 
-def init(threads: int | None = None) -> DistInfo:
+def init(threads: int | None = None, stall_timeout: float = 0.0) -> DistInfo:
     """Initialise the ranks (idempotent) and set the per-rank CPU thread count.
 
     Under a launcher (horovodrun, mpirun, srun) Horovod is initialised; a plain `python` run is one rank without
-    Horovod. Threads default to cores / local ranks so that ranks sharing a node do not oversubscribe it.
+    Horovod. Threads default to cores / local ranks so that ranks sharing a node do not oversubscribe it. With
+    `stall_timeout` (the watchdog's, in seconds) Horovod's stall inspector names the ranks that did not arrive before
+    the watchdog ends the job.
     """
     global _info, _hvd
     if _info is None:
         if _launched_size() > 1:
+            if stall_timeout > 0:  # read by hvd.init(); an explicit setting in the environment wins
+                from .watchdog import stall_check_seconds
+
+                os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(stall_check_seconds(stall_timeout)))
             import horovod.torch as hvd  # hvd: imported only here and in optim.py
 
             hvd.init()  # hvd:
@@ -117,8 +123,9 @@ def allreduce(x: Any, op: str = "sum", name: str | None = None) -> Any:
     # float64 keeps sums of counts exact; sum then divide so both ops share one code path.
     out = t.to(torch.float64) if not t.is_floating_point() else t.clone()
     if _hvd is not None:
-        # A stable name per shape: unnamed ops get a fresh name each call and flood Horovod's response cache.
-        name = name or f"allreduce.{tuple(out.shape)}.{out.dtype}"
+        # A fixed name: unnamed ops get a fresh name each call, and names per shape one per volume size; both
+        # flood Horovod's response cache. The op is synchronous, so the name is never in flight twice.
+        name = name or f"allreduce.{out.dtype}"
         out = _hvd.allreduce(out, op=_hvd.Sum, name=name)  # hvd:
     if op == "mean":
         out = out / info().size
@@ -134,8 +141,25 @@ def allreduce_sum_grad(t: torch.Tensor) -> torch.Tensor:
     """Differentiable sum over ranks (identity with one rank): for losses that need global-batch statistics."""
     if _hvd is None:
         return t
-    # hvd: horovod.torch's allreduce has an autograd function; a stable name as in allreduce().
-    return _hvd.allreduce(t, op=_hvd.Sum, name=f"sum_grad.{tuple(t.shape)}.{t.dtype}")
+    return _SumGrad.apply(t)
+
+
+class _SumGrad(torch.autograd.Function):
+    """Sum over ranks whose backward is a sum too, both under fixed names.
+
+    horovod.torch's own autograd allreduce leaves the backward op unnamed: Horovod then names it afresh on every
+    call ("allreduce.noname.N"), each step adds entries to its response cache until it evicts ("A response has
+    been evicted from cache"), and names made per shape do the same with volumes of varying size. Both ops are
+    synchronous, so one name per direction is never in flight twice.
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return _hvd.allreduce(t, op=_hvd.Sum, name=f"sum_grad.{t.dtype}")  # hvd:
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return _hvd.allreduce(grad.contiguous(), op=_hvd.Sum, name=f"sum_grad.backward.{grad.dtype}")  # hvd:
 
 
 def broadcast_object(obj: Any, root: int = 0) -> Any:

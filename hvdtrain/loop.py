@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, dist, optim
+from . import checkpoint, dist, optim, resume, watchdog
 from .config import TrainConfig, to_dict
 from .data import set_epoch
 from .metrics import Metric
@@ -166,6 +166,7 @@ def train_one_epoch(
             scaler.update()
         optimizer.zero_grad()  # no set_to_none argument: Horovod's wrapper rejects it (horovod#3405)
         state.step += 1
+        watchdog.beat(f"epoch {state.epoch}, optimizer step {state.step + 1} (step {state.step} completed)")
         if stop:
             # On the epoch's last step, finish the epoch (validation, checkpoint) and stop after it instead.
             preempted, after_epoch = i + 1 < n_batches, i + 1 == n_batches
@@ -195,7 +196,9 @@ def evaluate(
     for batch in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             eval_fn(model, batch, device, metric)
-    return metric.compute()
+    result = metric.compute()
+    watchdog.beat("the collective after an evaluation (evaluation completed)")
+    return result
 
 
 def _checkpoint_state(
@@ -260,8 +263,16 @@ def _trim_metrics(run_dir: Path, before_epoch: int) -> None:
     """Drop metrics.jsonl lines of epochs that the resumed run will train again (rank 0)."""
     path = run_dir / "metrics.jsonl"
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < before_epoch]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        lines = [ln for ln in path.read_text().splitlines() if _epoch_of(ln) < before_epoch]
+        RunLog.replace_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def _epoch_of(line: str) -> float:
+    """A metrics.jsonl line's epoch; a line cut short by a crash counts as not written (inf: dropped)."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def fit(
@@ -325,7 +336,9 @@ def fit(
         path = checkpoint.find_latest(run_dir) if dist.is_main() else None
         ckpt = checkpoint.load_on_all_ranks(path)  # hvd: the resume state reaches every rank from rank 0
         if ckpt is not None:
+            resume.check(ckpt, config, model, str(path or "rank 0's checkpoint"))  # before any weight is loaded
             _restore(ckpt, model, schedule, scaler, state)
+            resume.adapt_position(state, ckpt, micro, steps_per_epoch)
             dist.print0(f"resumed from {path} at epoch {state.epoch}, step {state.step}")
     optimizer = optim.distribute(base_optimizer, model, micro, cfg.fp16_allreduce, cfg.adasum)
     if cfg.resume and ckpt is not None:
@@ -342,12 +355,14 @@ def fit(
     if dist.is_main():
         _trim_metrics(run_dir, state.epoch)
         (run_dir / "REQUEUE").unlink(missing_ok=True)
+        (run_dir / "STALLED").unlink(missing_ok=True)  # left by the watchdog of the run this one resumes
     dist.print0(
         f"{d.size} rank(s) x {cfg.simulate_gpus} simulated = {gpus} GPU(s); batch {cfg.batch_size_per_gpu}"
         f"/GPU x accum {cfg.accum} = global batch {global_batch}; lr {cfg.lr} -> {peak_lr:.4g} "
         f"({cfg.lr_rule}), {steps_per_epoch} steps/epoch"
     )
     preemption = Preemption(cfg.preempt_at_step)
+    watchdog.start(cfg.stall_timeout, d.rank, run_dir / "STALLED")  # ends this rank if another one hangs
     ckpt_dir = run_dir / "checkpoints"
     start = time.time()
     epoch_times: list[float] = []
@@ -425,6 +440,7 @@ def fit(
             if tr["preempt_after_epoch"] and state.epoch < cfg.epochs:
                 return _stop_for_requeue(model, optimizer, schedule, scaler, state, config, run_dir, ckpt)
     finally:
+        watchdog.stop()
         Preemption.restore()
         log.close()
     total = time.time() - start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,17 @@ class RunLog:
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         if self.enabled:
-            path = self.run_dir / name
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({k: _clean(v) for k, v in data.items()}, indent=1))
-            tmp.replace(path)
+            self.replace_text(self.run_dir / name, json.dumps({k: _clean(v) for k, v in data.items()}, indent=1))
+
+    @staticmethod
+    def replace_text(path: Path, text: str) -> None:
+        """Write `path` atomically: a crash or a full disk leaves the old file whole, and no temporary behind."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one line to metrics.jsonl and the numeric fields to TensorBoard as `split/name`."""

@@ -30,7 +30,7 @@ class DemoConfig(TrainConfig):
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(DemoConfig, argv)
-    dist.init(cfg.threads or None)
+    dist.init(cfg.threads or None, cfg.stall_timeout)
     torch.manual_seed(cfg.seed)
     train = data.train_loader(
         make_blobs(cfg.n_train, seed=cfg.seed),

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -29,6 +28,7 @@ from segmentation.io import (
     Case,
     DataError,
     case_id_of,
+    check_binary_label,
     check_pair,
     list_cases,
     read_image,
@@ -38,6 +38,7 @@ from segmentation.lungmask import axial_axis, lung_mask
 from segmentation.metrics import DiceMetric, write_per_case_csv
 from segmentation.postprocess import POSTPROCESS
 from segmentation.preprocess import spacing_of
+from segmentation.validate import check_volume
 
 SUFFIXES = {"nifti": (".nii.gz",), "nrrd": (".nrrd",), "both": (".nii.gz", ".nrrd")}
 
@@ -50,10 +51,19 @@ def _cases(path: Path, split: str) -> list[Case]:
     return list_cases(path, split)
 
 
-def _score(metric: DiceMetric, case: Case, image: nib.Nifti1Image, mask: np.ndarray) -> str:
-    """Dice and the predicted voxels outside the label (the false positives a lung mask should remove)."""
+def _checked_label(case: Case) -> np.ndarray | None:
+    """The case's label checked as training checks it (the image's grid, finite, 0/1), or None."""
+    if case.label is None:
+        return None
+    image, _ = read_image(case.image)
     label_img, label = read_image(case.label)
     check_pair(image, label_img, case.image, case.label)  # same grid, or a CaseMismatchError naming both
+    check_volume(label, label_img.affine, case.label, "label")
+    return check_binary_label(label, case.label)
+
+
+def _score(metric: DiceMetric, case: Case, label: np.ndarray, mask: np.ndarray) -> str:
+    """Dice and the predicted voxels outside the label (the false positives a lung mask should remove)."""
     dice = metric.update(case.case_id, mask, label > 0)
     outside = metric.rows[-1]["fp"]
     return (
@@ -68,6 +78,7 @@ def _predict_case(
 ) -> list[Path]:
     """Predict, restrict to the lungs on request, write the mask file(s) and print one line."""
     t0 = time.perf_counter()
+    label = _checked_label(case)  # before the prediction: a bad label stops the job before any mask is written
     nifti, mask = predictor.predict_file(case.image)
     line = f"{case.case_id}: {int(mask.sum())} nodule voxels"
     if args.lung_mask:
@@ -77,8 +88,8 @@ def _predict_case(
         line += f", {int(mask.sum())} inside the lung mask ({lungs.sum() * np.prod(spacing) / 1e6:.2f} L)"
     paths = [write_mask(mask, nifti, out / f"{case.case_id}{args.suffix}{s}") for s in SUFFIXES[args.format]]
     line += f" -> {', '.join(map(str, paths))} ({time.perf_counter() - t0:.1f} s)"
-    if case.label is not None:
-        line += _score(metric, case, nifti, mask)
+    if label is not None:
+        line += _score(metric, case, label, mask)
     print(line, flush=True)
     return paths
 

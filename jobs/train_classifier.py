@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(ClassifierConfig, argv)
     if not cfg.data:
         raise SystemExit("train_classifier: --data is required (a class-per-folder root or a CSV manifest)")
-    dist.init(cfg.threads or None)
+    dist.init(cfg.threads or None, cfg.stall_timeout)
     run_dir = Path(cfg.run_dir)
     index, splits = _prepare(cfg, run_dir)
     dist.print0(f"{cfg.data}: {index.describe()}; {splits.describe()}")

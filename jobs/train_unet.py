@@ -21,7 +21,7 @@ from segmentation.metrics import DiceMetric, write_per_case_csv
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(UNetConfig, argv)
-    dist.init(cfg.threads or None)
+    dist.init(cfg.threads or None, cfg.stall_timeout)
     train_cases, val_cases = prepare_data(cfg, progress=dist.is_main() and cfg.progress)
     dist.print0(f"{len(train_cases)} training / {len(val_cases)} validation cases from {cfg.data}")
     summary, model, val, eval_fn = fit_unet(cfg, train_cases, val_cases)

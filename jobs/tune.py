@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None, task: Task | None = None) -> list[TrialR
     if args.dry_run:
         print("dry run: nothing trained\n" + "\n".join(_plan_lines(*plan)))
         return []
-    dist.init(cfg.threads or None)
+    dist.init(cfg.threads or None, cfg.stall_timeout)
     study, worker = _open(*plan, parser) if dist.is_main() else (None, None)
     dist.print0(task.prepare(cfg, study_dir))
     opts = RunOptions(args.trials, study_dir, args.timeout, args.max_trials, args.max_retry, args.keep_checkpoints)

@@ -52,6 +52,7 @@ from .preprocess import (
 )
 from .sampling import Augment, PatchDataset, VolumeDataset
 from .unet import UNet3D
+from .validate import check_volume
 
 __all__ = [
     "model_kwargs",
@@ -323,6 +324,7 @@ class Predictor:
     def predict_file(self, path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
         """(source as NIfTI (any format `read_image` reads), uint8 mask on its grid)."""
         nifti, data = read_image(path)
+        check_volume(data, nifti.affine, path)
         return nifti, self.mask(data, nifti.affine)
 
 

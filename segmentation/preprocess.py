@@ -24,6 +24,7 @@ from nibabel import orientations as orient
 from skimage.transform import resize
 
 from .io import Case, load_pair
+from .validate import check_volume
 
 __all__ = [
     "PreprocessParams",
@@ -199,15 +200,21 @@ def _stamp(paths: Sequence[Path | None]) -> str:
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     # Write then rename: a rank that reads while another writes sees the old file or the whole new one.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:  # a full disk leaves no half-written temporary behind (the entry's meta file is not written either)
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _entry(case: Case, folder: Path) -> CachedCase:
@@ -253,6 +260,7 @@ def preprocess_dataset(
         if i % size != rank or _is_complete(entry):
             continue
         nifti, data, label = load_pair(case)
+        check_volume(data, nifti.affine, case.image)  # no NaN voxel or broken geometry enters the cache
         img, lab, geometry = preprocess_arrays(data, nifti.affine, label, params)
         _atomic_save(entry.image, img)
         if lab is not None:

@@ -188,6 +188,25 @@ def _wait(spec: JobSpec) -> list[str]:
     ]
 
 
+def _stall_requeue(slurm: bool) -> list[str]:
+    """A rank ended by the hung-rank watchdog: turn its exit into a requeue, as after a node failure."""
+    cap = " && ${SLURM_RESTART_COUNT:-0} -lt 5" if slurm else ""
+    return [
+        "",
+        _section("requeue after a hung rank"),
+        "# The trainer's watchdog (--stall-timeout) ended a rank that waited too long for another one with exit 75",
+        "# and left $RUN_DIR/STALLED; the launcher ended the other ranks. Requeue as after a node failure: the job",
+        "# resumes from the newest checkpoint"
+        + (" (at most 5 restarts, so a hang that always comes back stops)." if slurm else "."),
+        f"if [[ ( $rc -eq 75 || -f $RUN_DIR/STALLED ){cap} ]]; then",
+        '    echo "$(date -Is) a rank hung (exit $rc): $(cat "$RUN_DIR/STALLED" 2>/dev/null | head -c 400)"',
+        '    rm -f "$RUN_DIR/STALLED"',
+        '    touch "$RUN_DIR/REQUEUE"',
+        "    rc=0",
+        "fi",
+    ]
+
+
 # ---- Slurm -----------------------------------------------------------------------------------------------------
 def _slurm_directives(spec: JobSpec) -> list[str]:
     d = lambda text, why="": _directive("#SBATCH", text, why)  # noqa: E731
@@ -327,6 +346,7 @@ def _render_slurm(spec: JobSpec, source: str) -> str:
     lines += [f'echo "$(date -Is) job {job_id} {restart} on $SLURM_JOB_NODELIST{where}"', ""]
     lines += _slurm_launch(spec)
     if spec.run_dir and spec.requeue:
+        lines += _stall_requeue(slurm=True)
         lines += [
             "",
             _section("requeue after a preemption checkpoint"),
@@ -477,6 +497,7 @@ def _render_pbs(spec: JobSpec, source: str) -> str:
     ]
     lines += _pbs_launch(spec)
     if spec.run_dir and spec.requeue:
+        lines += _stall_requeue(slurm=False)
         lines += [
             "",
             _section("requeue after a preemption checkpoint"),

@@ -93,6 +93,17 @@ wait "$launcher" || rc=$?
 # A trapped signal ends `wait` early; wait again until the launcher itself has exited.
 while kill -0 "$launcher" 2>/dev/null; do rc=0; wait "$launcher" || rc=$?; done
 
+# ---- requeue after a hung rank -----------------------------------------------------------------------------
+# The trainer's watchdog (--stall-timeout) ended a rank that waited too long for another one with exit 75
+# and left $RUN_DIR/STALLED; the launcher ended the other ranks. Requeue as after a node failure: the job
+# resumes from the newest checkpoint (at most 5 restarts, so a hang that always comes back stops).
+if [[ ( $rc -eq 75 || -f $RUN_DIR/STALLED ) && ${SLURM_RESTART_COUNT:-0} -lt 5 ]]; then
+    echo "$(date -Is) a rank hung (exit $rc): $(cat "$RUN_DIR/STALLED" 2>/dev/null | head -c 400)"
+    rm -f "$RUN_DIR/STALLED"
+    touch "$RUN_DIR/REQUEUE"
+    rc=0
+fi
+
 # ---- requeue after a preemption checkpoint -----------------------------------------------------------------
 # The trainer left $RUN_DIR/REQUEUE: it was signalled, saved checkpoints/last.pt and stopped early.
 # Requeue this job (same id, same run folder; the command always has --resume). A requeue refused

@@ -102,6 +102,17 @@ wait "$launcher" || rc=$?
 while kill -0 "$launcher" 2>/dev/null; do rc=0; wait "$launcher" || rc=$?; done
 kill "$timer" 2>/dev/null || true
 
+# ---- requeue after a hung rank -----------------------------------------------------------------------------
+# The trainer's watchdog (--stall-timeout) ended a rank that waited too long for another one with exit 75
+# and left $RUN_DIR/STALLED; the launcher ended the other ranks. Requeue as after a node failure: the job
+# resumes from the newest checkpoint.
+if [[ ( $rc -eq 75 || -f $RUN_DIR/STALLED ) ]]; then
+    echo "$(date -Is) a rank hung (exit $rc): $(cat "$RUN_DIR/STALLED" 2>/dev/null | head -c 400)"
+    rm -f "$RUN_DIR/STALLED"
+    touch "$RUN_DIR/REQUEUE"
+    rc=0
+fi
+
 # ---- requeue after a preemption checkpoint -----------------------------------------------------------------
 # The trainer left $RUN_DIR/REQUEUE: it was signalled, saved checkpoints/last.pt and stopped early.
 # qrerun puts this job back in the queue with the same id (so the same run folder), but many sites
