@@ -41,10 +41,7 @@ class LaunchSettings:
 # OpenMPI's shared-memory transport between ranks of one node; the single-copy mechanism moves a large message
 # with one process_vm_readv instead of two copies through a shared bounce buffer (needs ptrace rights between
 # the ranks; OpenMPI falls back to the copy-in/copy-out path when the container forbids it).
-_MPI_ENV = {
-    "OMPI_MCA_btl": "vader,self",
-    "OMPI_MCA_btl_vader_single_copy_mechanism": "cma",
-}
+_MPI_ENV = {"OMPI_MCA_btl_vader_single_copy_mechanism": "cma"}
 DEFAULT = LaunchSettings("mpi", _MPI_ENV)
 GLOO = LaunchSettings("gloo")
 
