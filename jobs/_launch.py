@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LaunchSettings", "DEFAULT", "GLOO", "child_env", "horovodrun_cmd", "main"]
+__all__ = ["LaunchSettings", "DEFAULT", "GLOO", "NAMED", "child_env", "horovodrun_cmd", "main"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,14 @@ class LaunchSettings:
 _MPI_ENV = {"OMPI_MCA_btl_vader_single_copy_mechanism": "cma"}
 DEFAULT = LaunchSettings("mpi", _MPI_ENV)
 GLOO = LaunchSettings("gloo")
+# Candidates the benchmarks compare by name (`--launch`); "default" is the one above.
+NAMED = {
+    "default": DEFAULT,
+    "gloo": GLOO,
+    "mpi-bare": LaunchSettings("mpi"),
+    # MPI's progress loop yields the core while it waits (ranks >= cores: the waiting rank spins otherwise).
+    "mpi-yield": LaunchSettings("mpi", {**_MPI_ENV, "OMPI_MCA_mpi_yield_when_idle": "1"}),
+}
 
 
 def child_env(settings: LaunchSettings | None = DEFAULT, **extra: str) -> dict[str, str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from jobs._launch import DEFAULT, child_env, horovodrun_cmd
+from jobs._launch import DEFAULT, NAMED, child_env, horovodrun_cmd
 
 CONFIG = "jobs/configs/unet_demo.yaml"
 
@@ -71,12 +71,12 @@ def plain_processes(n: int, steps: int, demo: dict) -> list[float]:
     return [float(o.strip().splitlines()[-1]) for o in outs]
 
 
-def run_trainer(ranks: int, data: Path, run_dir: Path, epochs: int) -> dict:
+def run_trainer(ranks: int, data: Path, run_dir: Path, epochs: int, launch: str = "default") -> dict:
     cmd = [sys.executable, "-m", "jobs.train_unet", "--config", CONFIG, "--data", str(data), "--run-dir", str(run_dir)]
     cmd += ["--epochs", str(epochs), "--threads", "1", "--no-progress", "--eval-every", str(epochs)]
     if ranks > 1:
-        cmd = horovodrun_cmd(ranks, cmd)
-    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=3600)
+        cmd = horovodrun_cmd(ranks, cmd, NAMED[launch])
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(NAMED[launch]), timeout=3600)
     if p.returncode != 0:
         raise SystemExit(f"bench_unet: {' '.join(cmd)} failed\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--data", type=Path, help="phantom dataset (default: 8 small phantoms made in a temp folder)")
     p.add_argument("--ranks", default="1,2", help="rank counts (default 1,2)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per run; the last one is reported")
+    p.add_argument("--launch", default="default", help="launch settings for N > 1 ranks, compared: " + ",".join(NAMED))
     p.add_argument("--control-steps", type=int, default=12, help="steps of each plain-PyTorch control process")
     p.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=6, help=argparse.SUPPRESS)
@@ -124,15 +125,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  "--n-val", "2", "--n-test", "0"],
                 check=True, capture_output=True,
             )  # fmt: skip
-        for n in (int(x) for x in a.ranks.split(",")):
-            rec = run_trainer(n, data, Path(tmp) / f"run{n}", a.epochs)
+        for n, launch in (
+            (int(x), lab) for x in a.ranks.split(",") for lab in (a.launch.split(",") if x != "1" else ["-"])
+        ):
+            rec = run_trainer(n, data, Path(tmp) / f"run{n}{launch}", a.epochs, "default" if launch == "-" else launch)
             per_rank = plain_processes(n, a.control_steps, demo)  # right after: the same machine state
             steps = rec["samples"] / (batch * n)
             control_step_s = batch * vox / (sum(per_rank) / n)
-            rows.append({"ranks": n, "voxels_per_s": rec["samples_per_s"] * vox, "samples_per_s": rec["samples_per_s"],
-                         "control_voxels_per_s": sum(per_rank), "data_share": rec["data_s"] / rec["time_s"],
-                         "comm_share": rec["comm_s"] / rec["time_s"],
-                         "ms": {k: v * 1e3 for k, v in _breakdown(rec, steps, control_step_s).items()}})  # fmt: skip
+            rows.append(
+                {
+                    "ranks": n,
+                    "launch": launch,
+                    "voxels_per_s": rec["samples_per_s"] * vox,
+                    "control_voxels_per_s": sum(per_rank),
+                    "data_share": rec["data_s"] / rec["time_s"],
+                    "comm_share": rec["comm_s"] / rec["time_s"],
+                    "ms": {k: v * 1e3 for k, v in _breakdown(rec, steps, control_step_s).items()},
+                }
+            )
     print_rows(rows, demo, patch, batch)
     return rows
 
@@ -140,18 +150,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def print_rows(rows: list[dict], demo: dict, patch: tuple, batch: int) -> None:
     print(f"U-Net {demo['features']} features, depth {demo['depth']}, patch {patch}, batch {batch}/rank, 1 thread/rank")
     print(f"launch: {DEFAULT.describe()}")
-    print(f"{'ranks':>5} | {'voxels/s':>11} | {'speedup':>7} | {'control vox/s':>13} | {'ceiling':>7} | "
-          f"{'ours/ceil':>9} | per step ms: total = data + allreduce + compute + other")  # fmt: skip
+    head = ["ranks", "launch", "voxels/s", "speedup", "control vox/s", "ceiling", "ours/ceil"]
+    print(" | ".join(f"{h:>9}" for h in head) + " | per step ms: total = data + allreduce + compute + other")
     base, cbase = rows[0]["voxels_per_s"], rows[0]["control_voxels_per_s"]
     for r in rows:
         speedup, ceiling = r["voxels_per_s"] / base, r["control_voxels_per_s"] / cbase
         ms = r["ms"]
-        print(
-            f"{r['ranks']:>5} | {r['voxels_per_s']:>11,.0f} | {speedup:>6.2f}x | {r['control_voxels_per_s']:>13,.0f} | "
-            f"{ceiling:>6.2f}x | {speedup / ceiling:>9.0%} | {ms['step']:.0f} = {ms['data']:.1f} + "
-            f"{ms['allreduce']:.1f}"
-            f" + {ms['compute']:.0f} + {ms['other']:.1f}"
-        )
+        cells = [str(r["ranks"]), r["launch"], f"{r['voxels_per_s']:,.0f}", f"{speedup:.2f}x"]
+        cells += [f"{r['control_voxels_per_s']:,.0f}", f"{ceiling:.2f}x", f"{speedup / ceiling:.0%}"]
+        parts = f"{ms['step']:.0f} = {ms['data']:.1f} + {ms['allreduce']:.1f} + {ms['compute']:.0f} + {ms['other']:.1f}"
+        print(" | ".join(f"{c:>9}" for c in cells) + " | " + parts)
     print(
         f"plain PyTorch, 1 process: {cbase:,.0f} voxels/s (hvdtrain at 1 rank = {base / cbase:.2f} of it). "
         "ceiling = N independent plain processes / 1; other = loop Python + per-step flags allreduce + logging"
@@ -159,7 +167,7 @@ def print_rows(rows: list[dict], demo: dict, patch: tuple, batch: int) -> None:
     for r in rows[1:]:
         speedup, ceiling = r["voxels_per_s"] / base, r["control_voxels_per_s"] / cbase
         verdict = "met" if speedup >= 1.8 or speedup / ceiling >= 0.95 else "NOT met"
-        print(f"{r['ranks']} ranks: speedup {speedup:.2f}x, ceiling {ceiling:.2f}x "
+        print(f"{r['ranks']} ranks ({r['launch']}): speedup {speedup:.2f}x, ceiling {ceiling:.2f}x "
               f"(bar: >= 1.8x, or within 5% of the ceiling: {verdict})")  # fmt: skip
 
 
