@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from jobs._launch import _MPI_ENV, DEFAULT, GLOO, LaunchSettings, child_env, horovodrun_cmd
+from jobs._launch import _MPI_ENV, DEFAULT, GLOO, NAMED, LaunchSettings, child_env, horovodrun_cmd
 
 BAR = 0.25  # bus bandwidth / memcpy at 16 or 64 MiB
 SIZES = [1 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -57,6 +57,7 @@ SETTINGS = [
     Setting("gloo", GLOO),
     Setting("gloo spin-wait", GLOO, "spin"),
     Setting("mpi bare", LaunchSettings("mpi")),
+    Setting("mpi spin", NAMED["mpi-spin"]),
     Setting(
         "mpi no-single-copy", LaunchSettings("mpi", {**_MPI_ENV, "OMPI_MCA_btl_vader_single_copy_mechanism": "none"})
     ),
