@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 NP ?= 2
 
-.PHONY: setup demo demo-classifier demo-toy test test-fast lint format bench-allreduce bench-overhead bench-unet bench-classifier bench-scaling clean
+.PHONY: setup demo demo-classifier demo-toy test test-fast lint format bench-allreduce bench-overhead bench-unet bench-classifier bench-scaling bench-gpu clean
 
 setup:
 	@bash scripts/setup.sh
@@ -14,11 +14,11 @@ demo: setup
 
 demo-classifier: setup
 	test -d data/us || $(PY) -m jobs.make_ultrasound data/us --n-per-class 40 --size 128
-	horovodrun -np $(NP) --gloo python -m jobs.train_classifier --config jobs/configs/classifier_demo.yaml \
+	$(PY) -m jobs._launch -np $(NP) python -m jobs.train_classifier --config jobs/configs/classifier_demo.yaml \
 		--data data/us --run-dir runs/cls_demo-$$(date +%Y%m%d-%H%M%S) --no-progress
 
 demo-toy: setup
-	horovodrun -np $(NP) --gloo python -m jobs.demo --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m jobs._launch -np $(NP) python -m jobs.demo --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -47,6 +47,12 @@ bench-classifier: setup
 
 bench-scaling: setup
 	$(PY) -m jobs.bench_scaling
+
+# One GPU (H100/H200), at most 8 minutes: builds Horovod with NCCL when it lacks it; MONAI only for the comparison
+# (a failed install, e.g. offline, just leaves that line out). On a CPU machine: python -m jobs.bench_gpu --dry-run
+bench-gpu: setup
+	$(PY) -c "import monai" 2>/dev/null || $(PY) -m pip install -q --no-deps monai==1.6.1 || echo "bench-gpu: monai not installed; no MONAI comparison"
+	$(PY) -m jobs.bench_gpu
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -63,6 +63,8 @@ class TrainConfig:
     seed: int = arg(0, "seed for initialisation, shuffling and augmentation")
     threads: int = arg(0, "torch threads per rank (0: cores / ranks on the node)")
     num_workers: int = arg(0, "data-loader worker processes per rank")
+    channels_last: bool = arg(False, "channels-last memory format (channels_last_3d for 3D models): faster GPU convs")
+    cudnn_benchmark: bool = arg(True, "let cuDNN time and pick conv algorithms (fixed patch sizes; GPU only)")
     eval_every: int = arg(1, "validate every this many epochs (and at the last)")
     progress: bool = arg(True, "progress bar on rank 0")
     preempt_at_step: int = arg(0, "act as if the preemption signal came at this optimizer step (tests, drills)")

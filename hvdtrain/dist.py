@@ -8,6 +8,7 @@ here.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "allgather_object",
     "barrier",
     "uses_horovod",
+    "wait_quietly",
 ]
 
 # Environment variables that a launcher sets; their presence means we must run under Horovod.
@@ -124,9 +126,11 @@ def allreduce(x: Any, op: str = "sum", name: str | None = None) -> Any:
     out = t.to(torch.float64) if not t.is_floating_point() else t.clone()
     if _hvd is not None:
         # A fixed name: unnamed ops get a fresh name each call, and names per shape one per volume size; both
-        # flood Horovod's response cache. The op is synchronous, so the name is never in flight twice.
+        # flood Horovod's response cache. The op is waited for here, so the name is never in flight twice.
         name = name or f"allreduce.{out.dtype}"
-        out = _hvd.allreduce(out, op=_hvd.Sum, name=name)  # hvd:
+        handle = _hvd.allreduce_async(out, op=_hvd.Sum, name=name)  # hvd:
+        wait_quietly(handle)
+        out = _hvd.synchronize(handle)
     if op == "mean":
         out = out / info().size
     keep_int = op == "sum" or t.is_floating_point()  # a mean of integers is a float
@@ -135,6 +139,17 @@ def allreduce(x: Any, op: str = "sum", name: str | None = None) -> Any:
     if isinstance(x, np.ndarray):
         return out.numpy().astype(x.dtype) if keep_int else out.numpy()
     return int(round(out.item())) if isinstance(x, (int, np.integer)) and op == "sum" else out.item()
+
+
+def wait_quietly(handle: int, sleep_s: float = 20e-6) -> None:
+    """Wait for a Horovod handle with short sleeps (then `synchronize` returns at once).
+
+    `hvd.synchronize` spins on the CPU until the background thread finishes; with as many ranks as cores the
+    spinning threads take the cores that the background threads (MPI's progress loop) need, and a 2-rank
+    allreduce on a 2-core node ran several times slower (`python -m jobs.bench_allreduce`, "spin-wait" rows).
+    """
+    while not _hvd.poll(handle):
+        time.sleep(sleep_s)
 
 
 def allreduce_sum_grad(t: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, dist, optim, resume, watchdog
+from . import checkpoint, dist, fastpath, optim, resume, watchdog
 from .config import TrainConfig, to_dict
 from .data import set_epoch
 from .metrics import Metric
@@ -309,7 +309,7 @@ def fit(
     steps_per_epoch = len(train_loader) // micro
     if steps_per_epoch == 0:
         raise ValueError(f"an epoch has {len(train_loader)} micro-batches per rank, fewer than the {micro} of one step")
-    model.to(device)
+    fastpath.prepare_model(model, device, cfg.channels_last, cfg.cudnn_benchmark)
     base_optimizer = build_optimizer(model, cfg.optimizer, peak_lr, cfg.weight_decay, cfg.momentum)
     schedule = LRSchedule(
         cfg.schedule,

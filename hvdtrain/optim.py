@@ -54,6 +54,9 @@ def broadcast_parameters(model: nn.Module) -> None:
 def synchronize(optimizer: torch.optim.Optimizer) -> None:
     """Wait for the gradient allreduce, so gradients can be unscaled or clipped before the step."""
     if hasattr(optimizer, "synchronize"):
+        for entry in getattr(optimizer, "_handles", {}).values():  # (handle, ctx) per parameter; None until due
+            if isinstance(entry, tuple) and isinstance(entry[0], int):
+                dist.wait_quietly(entry[0])
         optimizer.synchronize()  # hvd:
 
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jobs._launch import child_env
+from jobs._launch import child_env, horovodrun_cmd
 
 MODELS = "small_cnn,mobilenet_v2,resnet18,resnet34,resnet50"
 
@@ -28,7 +28,7 @@ def run(model: str, ranks: int, data: Path, run_dir: Path, args: argparse.Namesp
     cmd += ["--image-size", str(args.image_size), "--batch-size-per-gpu", str(args.batch), "--no-progress"]
     cmd += ["--eval-every", str(args.epochs), "--num-workers", str(args.workers), "--dedup-threshold", "-1"]
     if ranks > 1:
-        cmd = ["horovodrun", "-np", str(ranks), "--gloo", *cmd]
+        cmd = horovodrun_cmd(ranks, cmd)
     p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=3600)
     if p.returncode != 0:
         raise SystemExit(f"bench_classifier: {' '.join(cmd)} failed\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")

@@ -7,8 +7,8 @@
 On small phantoms (`jobs.make_phantoms --preset demo`, 16 training / 8 validation volumes of 48x48x32) it runs the
 real trainer, `python -m jobs.train_unet --config jobs/configs/unet_bench_scaling.yaml`, once per GPU count with
 `--simulate-gpus N` (one process, N x gradient accumulation: the N-GPU global batch, LR and number of updates), and
-for real under `horovodrun -np R --gloo` for the rank counts of `--real-ranks` (default 1 and 2). The 1-GPU point
-is the real 1-rank run (simulating one GPU is that same run). Everything but the GPU count comes from the preset.
+for real under `horovodrun -np R` (jobs._launch) for the rank counts of `--real-ranks` (default 1 and 2). The 1-GPU
+point is the real 1-rank run (simulating one GPU is that same run). Everything but the GPU count comes from the preset.
 Then `python -m jobs.scaling_report` writes the table and plots (OUT/report) with the `study_p100_edr` prediction,
 and this job prints its own table: GPUs, mode, global batch, updates, best validation Dice, Dice relative to
 1 GPU, wall time, and whether the bar is met: every simulated count keeps >= 98% of the 1-GPU best Dice.
@@ -47,7 +47,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs._launch import child_env
+from jobs._launch import child_env, horovodrun_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "jobs" / "configs" / "unet_bench_scaling.yaml"
@@ -124,7 +124,7 @@ def train(run: Run, data: Path, out: Path, epochs: int | None) -> dict:
     if epochs is not None:
         cmd += ["--epochs", str(epochs)]
     if run.ranks > 1:
-        cmd = ["horovodrun", "-np", str(run.ranks), "--gloo", *cmd]
+        cmd = horovodrun_cmd(run.ranks, cmd)
     wall = _call(cmd, out / "logs" / f"{run.name}.log")
     s = json.loads((run_dir / "summary.json").read_text())
     return {

@@ -8,6 +8,7 @@
 # Environment knobs:
 #   PYTHON                      interpreter to build for (default: python3 on PATH)
 #   HVDTRAIN_NCCL=auto|1|0      NCCL GPU operations: auto = when NCCL headers are found (default auto)
+#   HVDTRAIN_REQUIRE_NCCL=1     count a Horovod without NCCL operations as missing (rebuild it; GPU benchmark)
 #   HOROVOD_BUILD_CUDA_CC_LIST  GPU architectures to compile for (default 80,90: A100, H100/H200)
 #   HVDTRAIN_WHEEL_CACHE        folder for built wheels, reused when torch, Python and options match
 #                               (default ~/.cache/hvdtrain/wheels; set empty to always build)
@@ -29,7 +30,9 @@ check() {
     bindir=$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')")
     out=$(PATH="$bindir:$PATH" horovodrun --check-build 2>/dev/null) || return 1
     # Each of these lines must be ticked: "[X] PyTorch", "[X] MPI", "[X] Gloo".
-    for fw in PyTorch MPI Gloo; do
+    local need=(PyTorch MPI Gloo)
+    [[ "${HVDTRAIN_REQUIRE_NCCL:-0}" == 1 ]] && need+=(NCCL)  # jobs.bench_gpu: rebuild a CPU-only Horovod
+    for fw in "${need[@]}"; do
         grep -q "\[X\] $fw" <<<"$out" || return 1
     done
 }

@@ -13,7 +13,8 @@ if [[ ! -f "$DATA/dataset.json" ]]; then
     python -m jobs.make_phantoms "$DATA" --preset demo
 fi
 start=$(date +%s)
-horovodrun -np "$NP" --gloo python -m jobs.train_unet --config jobs/configs/unet_demo.yaml \
+# jobs._launch: horovodrun with the measured launch settings (MPI over shared memory; see jobs/_launch.py).
+python -m jobs._launch -np "$NP" python -m jobs.train_unet --config jobs/configs/unet_demo.yaml \
     --data "$DATA" --run-dir "$RUN_DIR" "$@"
 python -m jobs.predict --checkpoint "$RUN_DIR/checkpoints/best.pt" "$DATA" --split test --out "$RUN_DIR/masks"
 python - "$RUN_DIR" "$BAR" "$(( $(date +%s) - start ))" <<'PY'

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs._launch import DEFAULT, horovodrun_cmd
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -33,8 +35,13 @@ def run_cmd(cmd: list[str], timeout: int = 300, env: dict | None = None) -> subp
     return p
 
 
-def launch(np_: int, args: list[str], backend: str = "gloo", timeout: int = 300) -> subprocess.CompletedProcess:
-    """`horovodrun -np N --gloo|--mpi python ARGS`, or plain `mpirun` for backend 'mpirun'."""
+def launch(np_: int, args: list[str], backend: str = "default", timeout: int = 300) -> subprocess.CompletedProcess:
+    """`horovodrun -np N ... python ARGS`, or plain `mpirun` for backend 'mpirun'.
+
+    'default' is the repository's measured launch (`jobs._launch.DEFAULT`: controller and transport settings);
+    'gloo' and 'mpi' are bare `horovodrun --gloo|--mpi`.
+    """
+    env = None
     if backend == "mpirun":
         cmd = [
             "mpirun",
@@ -53,9 +60,11 @@ def launch(np_: int, args: list[str], backend: str = "gloo", timeout: int = 300)
             sys.executable,
             *args,
         ]
+    elif backend == "default":
+        cmd, env = horovodrun_cmd(np_, [sys.executable, *args], DEFAULT), DEFAULT.env
     else:
         cmd = ["horovodrun", "-np", str(np_), f"--{backend}", sys.executable, *args]
-    return run_cmd(cmd, timeout=timeout)
+    return run_cmd(cmd, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ def quick(tmp_path_factory):
     return out, p.stdout
 
 
-@pytest.mark.multirank  # the 2-rank run goes through horovodrun --gloo
+@pytest.mark.multirank  # the 2-rank run goes through horovodrun (jobs._launch)
 def test_quick_writes_the_report_files(quick):
     out, _ = quick
     for name in ("scaling.md", "scaling.csv", "time_speedup.png", "dice_relative.png"):

@@ -11,7 +11,7 @@ from conftest import launch, run_cmd
 pytestmark = pytest.mark.multirank
 
 
-@pytest.mark.parametrize("backend", ["gloo", "mpi", "mpirun"])
+@pytest.mark.parametrize("backend", ["default", "gloo", "mpi", "mpirun"])
 def test_collectives_and_exactly_once_evaluation(tmp_path, backend):
     launch(2, ["tests/hvd_worker.py", "collectives", str(tmp_path)], backend)
     results = [json.loads((tmp_path / f"collectives_{r}.json").read_text()) for r in (0, 1)]
@@ -41,7 +41,7 @@ def _assert_close(a: dict, b: dict, atol: float) -> None:
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_rank")
-    launch(2, ["tests/hvd_worker.py", "train", str(out), "--batch", "4"], "gloo")
+    launch(2, ["tests/hvd_worker.py", "train", str(out), "--batch", "4"])  # the default launch (MPI)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Global-batch Dice and the Dice metric across 2 real ranks (horovodrun --gloo); this file is also the worker.
+"""Global-batch Dice and the Dice metric across 2 real ranks (jobs._launch); this file is also the worker.
 
 python tests/test_seg_multirank.py OUT      # under horovodrun -np 2: each rank writes OUT/rank{r}.pt
 """
@@ -62,7 +62,7 @@ def results(tmp_path_factory):
     from conftest import launch
 
     out = tmp_path_factory.mktemp("seg_multirank")
-    launch(2, ["tests/test_seg_multirank.py", str(out)], "gloo")
+    launch(2, ["tests/test_seg_multirank.py", str(out)])
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
