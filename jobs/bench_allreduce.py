@@ -74,11 +74,16 @@ def memcpy_gbps(nbytes: int = 64 << 20, reps: int = 20) -> float:
     """Copy bandwidth of one core (read + write counted once, as a message's bytes are)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    t0 = time.perf_counter()
-    for _ in range(reps):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core, as each rank has: torch's copy_ is multi-threaded otherwise
+    try:
         dst.copy_(src)
-    return nbytes * reps / (time.perf_counter() - t0) / 1e9
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            dst.copy_(src)
+        return nbytes * reps / (time.perf_counter() - t0) / 1e9
+    finally:
+        torch.set_num_threads(threads)
 
 
 def wait_all(hvd, handles: list, wait: str) -> None:
