@@ -67,6 +67,13 @@ SETTINGS = [
     Setting("default rec-doubling", LaunchSettings("mpi", {**DEFAULT.env, **_algorithm(3)})),
     Setting("default ring", LaunchSettings("mpi", {**DEFAULT.env, **_algorithm(4)})),
     Setting("default rabenseifner", LaunchSettings("mpi", {**DEFAULT.env, **_algorithm(6)})),
+    Setting(
+        "cycle-0.2ms no-fusion",
+        LaunchSettings("mpi", {**DEFAULT.env, "HOROVOD_CYCLE_TIME": "0.2", "HOROVOD_FUSION_THRESHOLD": "0"}),
+    ),
+    Setting(
+        "cycle-0.2ms rabenseifner", LaunchSettings("mpi", {**DEFAULT.env, "HOROVOD_CYCLE_TIME": "0.2", **_algorithm(6)})
+    ),
 ]
 
 
