@@ -88,24 +88,39 @@ class Watchdog:
         except OSError:
             pass  # liveness reporting must never break training
 
-    def absent_ranks(self) -> list[str]:
-        """What the other ranks' heartbeat files say: silent processes, and ranks waiting elsewhere."""
-        lines = []
+    def _read_beats(self) -> dict[int, dict]:
+        beats = {}
         for path in sorted(self.beats.glob("rank*.json")) if self.beats is not None else []:
             try:
                 b = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if b["rank"] == self.rank:
-                continue
-            age = time.time() - b["at"]
-            who = f"rank {b['rank']} ({b['host']} pid {b['pid']})"
-            if age > 3 * self.period + 2:
+            if b["rank"] != self.rank:
+                beats[b["rank"]] = b
+        return beats
+
+    def absent_ranks(self) -> list[str]:
+        """What the other ranks' heartbeat files say: silent processes, and ranks waiting elsewhere.
+
+        Read twice, a few beat periods apart: a live rank rewrites its file in between, a stopped or dead one
+        does not (an age threshold alone misses a rank stopped just before this one's timeout ran out).
+        """
+        first = self._read_beats()
+        if not first:
+            return []
+        time.sleep(2 * self.period + 1)
+        second = self._read_beats()
+        lines = []
+        for rank, b in sorted(first.items()):
+            now = second.get(rank, b)
+            who = f"rank {rank} ({b['host']} pid {b['pid']})"
+            if now["at"] == b["at"]:
                 lines.append(
-                    f"{who}: silent for {age:.0f} s (stopped, dead or stuck outside Python), last at {b['where']}"
+                    f"{who}: silent for {time.time() - b['at']:.0f} s (stopped, dead or stuck outside Python), "
+                    f"last at {b['where']}"
                 )
-            elif b["where"] != self.where:
-                lines.append(f"{who}: alive but waiting at {b['where']}")
+            elif now["where"] != self.where:
+                lines.append(f"{who}: alive but waiting at {now['where']}")
         return lines
 
     def _fire(self, idle: float) -> None:

@@ -547,3 +547,40 @@ def test_evaluate_reduces_once_to_global_numbers():
     out = evaluate(model, data.eval_loader(make_blobs(10, seed=3), 3), eval_fn, ToyMetric(), torch.device("cpu"))
     assert out["count"] == 10 and 0.0 <= out["accuracy"] <= 1.0 and out["loss"] > 0
     assert not model.training
+
+
+def test_watchdog_names_a_rank_stopped_just_now_and_one_alive_elsewhere(tmp_path):
+    """A fresh heartbeat that stops changing is a silent rank; one that keeps changing elsewhere is alive."""
+    import json
+    import threading
+    import time
+
+    from hvdtrain.watchdog import Watchdog
+
+    dog = Watchdog(timeout=2.0, rank=0, marker=tmp_path / "STALLED")  # period 0.2 s
+    dog.beat("epoch 1, optimizer step 5")
+    beats = tmp_path / ".heartbeat"
+    beats.mkdir()
+
+    def write(rank: int, where: str) -> None:
+        beat = {"rank": rank, "host": "h", "pid": 100 + rank, "at": time.time(), "where": where, "idle_s": 0.0}
+        (beats / f"rank{rank}.json").write_text(json.dumps(beat))
+
+    write(1, "epoch 1, optimizer step 5")  # beat a moment ago, then stopped: no age threshold would flag it yet
+    stop = threading.Event()
+
+    def alive() -> None:
+        while not stop.is_set():
+            write(2, "evaluation")
+            time.sleep(0.05)
+
+    t = threading.Thread(target=alive)
+    t.start()
+    try:
+        lines = dog.absent_ranks()
+    finally:
+        stop.set()
+        t.join()
+    assert len(lines) == 2
+    assert lines[0].startswith("rank 1 (h pid 101): silent for") and "last at epoch 1, optimizer step 5" in lines[0]
+    assert lines[1] == "rank 2 (h pid 102): alive but waiting at evaluation"
