@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hvdtrain import dist
+from hvdtrain.atomic import save_npy_atomic, write_text_atomic
 
 from .data import DataError, ImageReadError, Sample, load_rgb, mask_stem
 
@@ -117,13 +117,6 @@ def _read_stamp(folder: Path) -> str | None:
         return None
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def build_cache(samples: Sequence[Sample], folder: str | Path, side: int) -> ImageCache:
     """Decode, resize and store every image and mask (single process; `prepare_cache` is the collective).
 
@@ -144,11 +137,10 @@ def build_cache(samples: Sequence[Sample], folder: str | Path, side: int) -> Ima
         masks[i] = read_mask(mask_files, side)
         n_masked += bool(mask_files)
     (folder / "stamp.json").unlink(missing_ok=True)  # invalid until both arrays are in place
-    _save_npy(folder / "images.npy", images)
-    _save_npy(folder / "masks.npy", masks)
-    tmp = folder / "stamp.json.tmp"
-    tmp.write_text(json.dumps({"stamp": stamp, "side": side, "images": len(samples), "with_masks": n_masked}))
-    os.replace(tmp, folder / "stamp.json")
+    save_npy_atomic(folder / "images.npy", images)
+    save_npy_atomic(folder / "masks.npy", masks)
+    stamp_json = {"stamp": stamp, "side": side, "images": len(samples), "with_masks": n_masked}
+    write_text_atomic(folder / "stamp.json", json.dumps(stamp_json))  # last: marks the cache complete
     log.info("cache %s: %d images at %d px, %d with masks", folder, len(samples), side, n_masked)
     return ImageCache(folder)
 

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from hvdtrain.atomic import write_text_atomic
+
 from .data import DataError, ImageIndex
 from .dedup import DuplicateReport, find_duplicates
 
@@ -207,10 +209,7 @@ def save_splits(splits: Splits, path: str | Path) -> None:
         "test": splits.test,
         "folds": [{"train": f.train, "val": f.val} for f in splits.folds],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: two writers never share a temporary
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def load_splits(path: str | Path, index: ImageIndex | None = None) -> Splits:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import torch
 from torch import nn
 
 from . import dist
+from .atomic import write_atomic, write_text_atomic
 
 __all__ = [
     "unwrap",
@@ -68,24 +67,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_write(path: Path, write) -> None:  # noqa: ANN001
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # atomic on POSIX: a crash leaves the old file or the new one, never half of one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save(path: Path, state: dict[str, Any]) -> None:
     """Write `state` to `path` atomically, with a readable `<name>.meta.json` beside it. Call on rank 0."""
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
     meta = {k: state[k] for k in ("epoch", "step", "best_metric", "epoch_complete") if k in state}
     meta["file"] = path.name
-    _atomic_write(path.with_suffix(".meta.json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    write_text_atomic(path.with_suffix(".meta.json"), json.dumps(meta, indent=1))
 
 
 def find_latest(run_dir: Path) -> Path | None:

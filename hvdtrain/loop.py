@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, dist, fastpath, optim, resume, watchdog
+from .atomic import write_text_atomic
 from .config import TrainConfig, to_dict
 from .data import set_epoch
 from .metrics import Metric
@@ -264,7 +265,7 @@ def _trim_metrics(run_dir: Path, before_epoch: int) -> None:
     path = run_dir / "metrics.jsonl"
     if path.is_file():
         lines = [ln for ln in path.read_text().splitlines() if _epoch_of(ln) < before_epoch]
-        RunLog.replace_text(path, "".join(ln + "\n" for ln in lines))
+        write_text_atomic(path, "".join(ln + "\n" for ln in lines))
 
 
 def _epoch_of(line: str) -> float:

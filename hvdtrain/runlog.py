@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from . import dist
+from .atomic import write_text_atomic
 
 __all__ = ["RunLog"]
 
@@ -34,17 +34,7 @@ class RunLog:
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         if self.enabled:
-            self.replace_text(self.run_dir / name, json.dumps({k: _clean(v) for k, v in data.items()}, indent=1))
-
-    @staticmethod
-    def replace_text(path: Path, text: str) -> None:
-        """Write `path` atomically: a crash or a full disk leaves the old file whole, and no temporary behind."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+            write_text_atomic(self.run_dir / name, json.dumps({k: _clean(v) for k, v in data.items()}, indent=1))
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one line to metrics.jsonl and the numeric fields to TensorBoard as `split/name`."""

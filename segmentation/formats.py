@@ -12,11 +12,12 @@ orientation); ITK then reads them sorted by position with the rescale slope/inte
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from hvdtrain.atomic import write_atomic
 
 from .io import DicomSeriesError, ImageReadError
 
@@ -147,10 +148,7 @@ def write_itk(array: np.ndarray, affine: np.ndarray, path: str | Path, compress:
         sitk.WriteImage(image, str(path), compress)
         return path
     suffix = next(s for s in ITK_SUFFIXES if path.name.lower().endswith(s))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-    sitk.WriteImage(image, str(tmp), compress)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: sitk.WriteImage(image, str(tmp), compress), suffix)
 
 
 def is_dicom_dir(folder: str | Path) -> bool:

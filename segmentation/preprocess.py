@@ -23,6 +23,8 @@ import numpy as np
 from nibabel import orientations as orient
 from skimage.transform import resize
 
+from hvdtrain.atomic import save_npy_atomic, write_text_atomic
+
 from .io import Case, load_pair
 from .validate import check_volume
 
@@ -197,26 +199,6 @@ def _stamp(paths: Sequence[Path | None]) -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:10]
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    # Write then rename: a rank that reads while another writes sees the old file or the whole new one.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:  # a full disk leaves no half-written temporary behind (the entry's meta file is not written either)
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _entry(case: Case, folder: Path) -> CachedCase:
     stem = f"{case.case_id}.{_stamp([case.image, case.label])}"
     label = folder / f"{stem}.label.npy" if case.label is not None else None
@@ -251,7 +233,7 @@ def preprocess_dataset(
     folder.mkdir(parents=True, exist_ok=True)
     params_file = folder / "params.json"
     if not params_file.is_file():
-        _atomic_text(params_file, json.dumps({"version": CACHE_VERSION, **params.to_dict()}, indent=2) + "\n")
+        write_text_atomic(params_file, json.dumps({"version": CACHE_VERSION, **params.to_dict()}, indent=2) + "\n")
     rank, size = shard
     entries = []
     for i, case in enumerate(cases):
@@ -262,9 +244,9 @@ def preprocess_dataset(
         nifti, data, label = load_pair(case)
         check_volume(data, nifti.affine, case.image)  # no NaN voxel or broken geometry enters the cache
         img, lab, geometry = preprocess_arrays(data, nifti.affine, label, params)
-        _atomic_save(entry.image, img)
+        save_npy_atomic(entry.image, img)
         if lab is not None:
-            _atomic_save(entry.label, lab)
+            save_npy_atomic(entry.label, lab)
         meta = {
             "case_id": case.case_id,
             "image_source": str(case.image),
@@ -273,7 +255,7 @@ def preprocess_dataset(
             **geometry,
             "params": params.to_dict(),
         }
-        _atomic_text(entry.meta, json.dumps(meta, indent=1) + "\n")  # written last: marks the entry complete
+        write_text_atomic(entry.meta, json.dumps(meta, indent=1) + "\n")  # written last: marks the entry complete
         if progress:
             print(f"preprocessed {case.case_id}: {geometry['original_shape']} -> {geometry['shape']}", flush=True)
     return entries

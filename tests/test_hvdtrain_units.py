@@ -555,6 +555,7 @@ def test_watchdog_names_a_rank_stopped_just_now_and_one_alive_elsewhere(tmp_path
     import threading
     import time
 
+    from hvdtrain.atomic import write_text_atomic
     from hvdtrain.watchdog import Watchdog
 
     dog = Watchdog(timeout=2.0, rank=0, marker=tmp_path / "STALLED")  # period 0.2 s
@@ -564,9 +565,10 @@ def test_watchdog_names_a_rank_stopped_just_now_and_one_alive_elsewhere(tmp_path
 
     def write(rank: int, where: str) -> None:
         beat = {"rank": rank, "host": "h", "pid": 100 + rank, "at": time.time(), "where": where, "idle_s": 0.0}
-        (beats / f"rank{rank}.json").write_text(json.dumps(beat))
+        write_text_atomic(beats / f"rank{rank}.json", json.dumps(beat))  # as the watchdog writes it
 
     write(1, "epoch 1, optimizer step 5")  # beat a moment ago, then stopped: no age threshold would flag it yet
+    write(2, "evaluation")
     stop = threading.Event()
 
     def alive() -> None:
