@@ -115,17 +115,21 @@ def _nii(path: Path, array: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(array, np.diag([1.0, 1.0, 1.0, 1.0])), str(path))
 
 
-def test_nan_volume_on_rank_1s_preprocessing_shard(tmp_path):
-    """Case 1 (preprocessed by rank 1) holds a NaN: the job stops with the file and voxel, nothing is trained."""
+@pytest.mark.parametrize("fault", ["nan", "truncated"])
+def test_bad_volume_on_rank_1s_preprocessing_shard(tmp_path, fault):
+    """Case 1 (preprocessed by rank 1) holds a NaN or is a truncated file: the job stops naming it, nothing trains."""
     rng = np.random.default_rng(0)
     for i in range(4):
         vol = rng.normal(-600, 200, (20, 20, 12)).astype(np.float32)
         lab = np.zeros((20, 20, 12), np.uint8)
         lab[8:12, 8:12, 4:8] = 1
-        if i == 1:
+        if i == 1 and fault == "nan":
             vol[3, 4, 5] = np.nan
         _nii(tmp_path / "data" / "images" / f"c{i}.nii.gz", vol)
         _nii(tmp_path / "data" / "labels" / f"c{i}.nii.gz", lab)
+    bad = tmp_path / "data" / "images" / "c1.nii.gz"
+    if fault == "truncated":  # a copy cut short (a full disk, an interrupted transfer)
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     cmd = [*MPIRUN, sys.executable, "-m", "jobs.train_unet", "--data", str(tmp_path / "data"), "--run-dir",
            str(tmp_path / "run"), "--features", "4", "--depth", "2", "--patch-size", "16", "16", "8", "--epochs", "1",
            "--target-spacing", "0", "0", "0", "--val-fraction", "0.5", "--no-progress"]  # fmt: skip
@@ -133,7 +137,10 @@ def test_nan_volume_on_rank_1s_preprocessing_shard(tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
     out = p.stdout + p.stderr
     assert p.returncode != 0 and time.time() - t0 < 120
-    assert "NonFiniteError" in out and "c1.nii.gz has 1 non-finite voxel" in out and "(3, 4, 5)" in out, out[-3000:]
+    if fault == "nan":
+        assert "NonFiniteError" in out and "c1.nii.gz has 1 non-finite voxel" in out and "(3, 4, 5)" in out, out[-3000:]
+    else:
+        assert "NiftiReadError: cannot read NIfTI file" in out and str(bad) in out, out[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
