@@ -69,6 +69,7 @@ class Watchdog:
         self._stop.set()
 
     def _run(self) -> None:
+        self._write_beat(0.0)  # at once: a rank stopped within its first period is still on record
         while not self._stop.wait(self.period):
             idle = time.monotonic() - self.last
             if idle > self.timeout:

@@ -586,3 +586,22 @@ def test_watchdog_names_a_rank_stopped_just_now_and_one_alive_elsewhere(tmp_path
     assert len(lines) == 2
     assert lines[0].startswith("rank 1 (h pid 101): silent for") and "last at epoch 1, optimizer step 5" in lines[0]
     assert lines[1] == "rank 2 (h pid 102): alive but waiting at evaluation"
+
+
+def test_watchdog_records_a_heartbeat_as_soon_as_it_starts(tmp_path):
+    """A rank stopped before its first period ends is still on record (a fast toy epoch takes well under it)."""
+    import json
+    import time
+
+    from hvdtrain import watchdog
+
+    dog = watchdog.start(60.0, rank=1, marker=tmp_path / "STALLED")  # period 1 s
+    try:
+        end = time.monotonic() + 0.5
+        path = tmp_path / ".heartbeat" / "rank1.json"
+        while not path.is_file() and time.monotonic() < end:
+            time.sleep(0.01)
+        assert path.is_file() and json.loads(path.read_text())["rank"] == 1
+        assert dog.period == 1.0
+    finally:
+        watchdog.stop()
