@@ -22,6 +22,7 @@ import argparse
 import csv
 import importlib.util
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -177,12 +178,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2, help="torch threads (the same for every model)")
     p.add_argument("--out", default="runs/bench_peers", help="output folder")
     p.add_argument("--no-install", action="store_true", help="do not pip-install MONAI when it is missing")
+    p.add_argument(
+        "--preset-flags",
+        default="",
+        help='flags applied over the preset, e.g. "--top-features 4 --residual" (a variant of ours to compare)',
+    )
     args = p.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if any(m.startswith("monai") for m in names):
         ensure_monai(not args.no_install)
     overrides = [x for k, v in (("--data", args.data), ("--cache-dir", args.cache_dir)) if v for x in (k, v)]
-    cfg = parse_config(UNetConfig, ["--config", args.config, *overrides])
+    cfg = parse_config(UNetConfig, ["--config", args.config, *overrides, *shlex.split(args.preset_flags)])
     dist.init(args.threads)
     torch.set_num_threads(args.threads)
     train_cases, val_cases = prepare_data(cfg, progress=False)

@@ -10,7 +10,7 @@ from segmentation.phantoms import PhantomSpec, write_decathlon
 SPEC = PhantomSpec(shape=(32, 32, 16), spacing=(2.0, 2.0, 2.5), diameter_mm=(8.0, 12.0), nodules=(1, 1))
 
 
-def test_ours_trains_for_its_budget_and_writes_the_table(tmp_path):
+def test_ours_trains_for_its_budget_and_writes_the_table(tmp_path, capsys):
     data = tmp_path / "ph"
     write_decathlon(data, n_train=4, n_val=2, n_test=0, seed=0, spec=SPEC)
     preset = tmp_path / "p.yaml"
@@ -21,7 +21,8 @@ def test_ours_trains_for_its_budget_and_writes_the_table(tmp_path):
     out = tmp_path / "out"
     rows = bench_peers.main(
         ["--config", str(preset), "--data", str(data), "--cache-dir", str(tmp_path / "c"), "--models", "ours",
-         "--minutes", "0.05", "--evals", "2", "--threads", "1", "--out", str(out)]
+         "--minutes", "0.05", "--evals", "2", "--threads", "1", "--out", str(out),
+         "--preset-flags", "--top-features 2 --residual"]
     )  # fmt: skip
     assert [r["model"] for r in rows] == ["ours", "ours"]
     assert rows[0]["train_s"] < rows[1]["train_s"] and rows[1]["train_s"] >= 3.0
@@ -30,6 +31,10 @@ def test_ours_trains_for_its_budget_and_writes_the_table(tmp_path):
         assert len(list(csv.DictReader(f))) == 2
     assert "| ours |" in (out / "peers.md").read_text()
     assert (out / "peers.png").stat().st_size > 1000
+    from segmentation.unet import UNet3D
+
+    variant = sum(p.numel() for p in UNet3D(features=4, depth=2, top_features=2, residual=True).parameters())
+    assert f"ours: {variant / 1e6:.3f} M parameters" in capsys.readouterr().out  # --preset-flags reached the model
 
 
 def test_lr_warms_up_then_decays_to_zero_over_the_budget():
