@@ -42,15 +42,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, norm: str, dropout: float):
         super().__init__()
-        body: list[nn.Module] = [
-            nn.Conv3d(in_ch, out_ch, 3, padding=1, bias=False),
-            _norm(norm, out_ch),
-            nn.LeakyReLU(0.01, inplace=True),
-        ]
-        if dropout > 0:
-            body.append(nn.Dropout3d(dropout))
-        body += [nn.Conv3d(out_ch, out_ch, 3, padding=1, bias=False), _norm(norm, out_ch)]
-        self.body = nn.Sequential(*body)
+        self.body = nn.Sequential(*list(ConvBlock(in_ch, out_ch, norm, dropout))[:-1])  # activation after the sum
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv3d(in_ch, out_ch, 1, bias=False)
         self.act = nn.LeakyReLU(0.01, inplace=True)
 
