@@ -7,12 +7,14 @@ The defaults (`python -m jobs.bench_allreduce` and `python -m jobs.bench_unet --
 
 * MPI, not Gloo: on one node OpenMPI's shared-memory transport (vader) with its single-copy mechanism (CMA,
   `process_vm_readv`: one copy per message instead of two through a bounce buffer) against Gloo's loopback TCP
-  (copies through the kernel). In the least contended run on the 2-core dev machine MPI reached 45-50% of memcpy at
-  16-64 MiB and Gloo 24%; the other engineers' jobs made every figure there noisy, so rerun on a quiet machine.
+  (copies through the kernel).
 * MPI waits by yielding the core (`mpi_yield_when_idle`), and Horovod handles are awaited with short sleeps
   (`hvdtrain.dist.wait_quietly`): with as many ranks as cores, spinning waits starve the peer's compute.
-* The shared-memory settings travel as `OMPI_MCA_*` variables, so `horovodrun --mpi`, plain `mpirun` and `srun`
-  all take them from the environment.
+* Transparent huge pages for glibc's allocations, freed memory kept in the heap, a 0.2 ms Horovod cycle and
+  OpenMPI's ring allreduce: together they took the 16 MiB allreduce from 13-17% of one core's memcpy to over 25%
+  (docs/RESULTS.md has the table, each choice removed in turn).
+* The settings travel as environment variables (`OMPI_MCA_*`, `HOROVOD_*`, glibc's), so `horovodrun --mpi`,
+  plain `mpirun` and `srun` all take them from the environment.
 
 Jobs themselves never need this module: `horovodrun -np N python -m jobs.X` works as documented; this adds the
 measured settings.
@@ -27,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LaunchSettings", "DEFAULT", "GLOO", "NAMED", "child_env", "horovodrun_cmd", "main"]
+__all__ = ["LaunchSettings", "DEFAULT", "GLOO", "NAMED", "without", "child_env", "horovodrun_cmd", "main"]
 
 
 @dataclass(frozen=True)
@@ -48,14 +50,40 @@ class LaunchSettings:
 # coordination allreduce every cycle, and with ranks >= cores a rank that waits there would spin on the core its
 # peer needs to compute (in bench_unet's A/B it beat the spinning variant, "mpi-spin").
 _MPI_ENV = {"OMPI_MCA_btl_vader_single_copy_mechanism": "cma", "OMPI_MCA_mpi_yield_when_idle": "1"}
-DEFAULT = LaunchSettings("mpi", _MPI_ENV)
-GLOO = LaunchSettings("gloo")
-# Candidates the benchmarks compare by name (`--launch`); "default" is the one above.
+# Transparent huge pages for what glibc allocates (tensors, OpenMPI's temporaries): process_vm_readv pins and
+# walks the peer's pages one by one, 512 times fewer of them with 2 MiB pages (16 MiB allreduce 2-3x faster in
+# bench_allreduce; the kernel must allow THP on madvise, the usual setting). Freed blocks stay in the heap: OpenMPI
+# mallocs a temporary as large as the message on every allreduce, and glibc's default returns it to the kernel,
+# so every call page-faulted fresh (zeroed) pages.
+_ALLOC_ENV = {
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str((1 << 32) - 1),
+}
+# Horovod's background loop looks for ready tensors every cycle (default 1 ms): the cycle is the latency floor of a
+# small collective (1 KiB: 1.1 ms -> 0.5 ms in bench_allreduce).
+_CYCLE_ENV = {"HOROVOD_CYCLE_TIME": "0.2"}
+# OpenMPI's ring allreduce (reduce-scatter + allgather: each rank moves (N-1)/N of the message twice) instead of the
+# tuned component's built-in choice, which on one node with 2 ranks was slower at 1-64 MiB and for fused gradients.
+_RING_ENV = {"OMPI_MCA_coll_tuned_use_dynamic_rules": "1", "OMPI_MCA_coll_tuned_allreduce_algorithm": "4"}
+DEFAULT = LaunchSettings("mpi", {**_MPI_ENV, **_ALLOC_ENV, **_CYCLE_ENV, **_RING_ENV})
+GLOO = LaunchSettings("gloo", {**_ALLOC_ENV, **_CYCLE_ENV})
+
+
+def without(settings: LaunchSettings, *keys: str, **extra: str) -> LaunchSettings:
+    env = {k: v for k, v in settings.env.items() if k not in keys}
+    return LaunchSettings(settings.controller, {**env, **extra})
+
+
+# Candidates the benchmarks compare by name (`--launch`): the default less one of its choices at a time.
 NAMED = {
     "default": DEFAULT,
     "gloo": GLOO,
     "mpi-bare": LaunchSettings("mpi"),
-    "mpi-spin": LaunchSettings("mpi", {**_MPI_ENV, "OMPI_MCA_mpi_yield_when_idle": "0"}),
+    "mpi-spin": without(DEFAULT, "OMPI_MCA_mpi_yield_when_idle", OMPI_MCA_mpi_yield_when_idle="0"),
+    "no-hugepages": without(DEFAULT, *_ALLOC_ENV),
+    "cycle-1ms": without(DEFAULT, *_CYCLE_ENV),
+    "no-ring": without(DEFAULT, *_RING_ENV),
 }
 
 

@@ -7,7 +7,9 @@ Each setting (controller, OpenMPI transport, Horovod cycle time, how the caller 
 `horovodrun`; the table compares them, marks the repository's default (`jobs._launch.DEFAULT`, what `make demo`,
 the benchmarks and the tests use) and says whether it reaches the bar (bus bandwidth >= 25% of memcpy at
 16 or 64 MiB). Messages are reduced in place (`hvd.allreduce_`), as `hvd.DistributedOptimizer` reduces
-gradients.
+gradients, with op=Sum as nccl-tests measure (`--op average`: Horovod then scales the result in a second pass over
+the buffer, as DistributedOptimizer's default average does). Each measurement runs a number of calls agreed by the
+ranks before the clock starts, with no other collective in the timed loop.
 
 Bus bandwidth is NCCL's convention, size x 2 (n - 1) / n / time: what each link carries in a ring allreduce, so
 numbers for different rank counts compare, and compare with the memcpy bandwidth printed beside them (on one node
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from jobs._launch import _MPI_ENV, DEFAULT, GLOO, NAMED, LaunchSettings, child_env, horovodrun_cmd
+from jobs._launch import DEFAULT, GLOO, NAMED, LaunchSettings, child_env, horovodrun_cmd, without
 
 BAR = 0.25  # bus bandwidth / memcpy at 16 or 64 MiB
 SIZES = [1 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -51,28 +53,37 @@ def _algorithm(n: int) -> dict[str, str]:
     return {"OMPI_MCA_coll_tuned_use_dynamic_rules": "1", "OMPI_MCA_coll_tuned_allreduce_algorithm": str(n)}
 
 
+def _default_with(**env: str) -> LaunchSettings:
+    return LaunchSettings("mpi", {**DEFAULT.env, **env})
+
+
+# The default, then the default less one of its choices at a time (jobs/_launch.py says why each is there), then
+# other OpenMPI collectives and Horovod knobs on top of it.
 SETTINGS = [
     Setting("default", DEFAULT),
     Setting("default spin-wait", DEFAULT, "spin"),
     Setting("gloo", GLOO),
     Setting("gloo spin-wait", GLOO, "spin"),
-    Setting("mpi bare", LaunchSettings("mpi")),
+    Setting("mpi bare", NAMED["mpi-bare"]),
     Setting("mpi spin", NAMED["mpi-spin"]),
+    Setting("no single-copy", _default_with(OMPI_MCA_btl_vader_single_copy_mechanism="none")),
+    Setting("no hugepages/malloc-keep", NAMED["no-hugepages"]),
+    Setting("no hugepages", without(DEFAULT, "GLIBC_TUNABLES")),
+    Setting("no malloc-keep", without(DEFAULT, "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")),
+    Setting("cycle 1ms", NAMED["cycle-1ms"]),
+    Setting("cycle 5ms", _default_with(HOROVOD_CYCLE_TIME="5")),
+    Setting("no fusion", _default_with(HOROVOD_FUSION_THRESHOLD="0")),
+    Setting("no ring (tuned's choice)", NAMED["no-ring"]),
+    Setting("rec-doubling", _default_with(**_algorithm(3))),
+    Setting("rabenseifner", _default_with(**_algorithm(6))),
+    # OpenMPI's shared-memory collective component (off by default: priority 0), larger fragments than its 8 KiB.
     Setting(
-        "mpi no-single-copy", LaunchSettings("mpi", {**_MPI_ENV, "OMPI_MCA_btl_vader_single_copy_mechanism": "none"})
-    ),
-    Setting("default cycle-0.2ms", LaunchSettings("mpi", {**DEFAULT.env, "HOROVOD_CYCLE_TIME": "0.2"})),
-    Setting("default cycle-5ms", LaunchSettings("mpi", {**DEFAULT.env, "HOROVOD_CYCLE_TIME": "5"})),
-    Setting("default no-fusion", LaunchSettings("mpi", {**DEFAULT.env, "HOROVOD_FUSION_THRESHOLD": "0"})),
-    Setting("default rec-doubling", LaunchSettings("mpi", {**DEFAULT.env, **_algorithm(3)})),
-    Setting("default ring", LaunchSettings("mpi", {**DEFAULT.env, **_algorithm(4)})),
-    Setting("default rabenseifner", LaunchSettings("mpi", {**DEFAULT.env, **_algorithm(6)})),
-    Setting(
-        "cycle-0.2ms no-fusion",
-        LaunchSettings("mpi", {**DEFAULT.env, "HOROVOD_CYCLE_TIME": "0.2", "HOROVOD_FUSION_THRESHOLD": "0"}),
-    ),
-    Setting(
-        "cycle-0.2ms rabenseifner", LaunchSettings("mpi", {**DEFAULT.env, "HOROVOD_CYCLE_TIME": "0.2", **_algorithm(6)})
+        "coll-sm",
+        _default_with(
+            OMPI_MCA_coll_sm_priority="100",
+            OMPI_MCA_coll_sm_fragment_size="65536",
+            OMPI_MCA_coll_sm_comm_num_segments="16",
+        ),
     ),
 ]
 
@@ -104,25 +115,27 @@ def wait_all(hvd, handles: list, wait: str) -> None:
 
 
 def _time(fn, min_time: float, max_iters: int = 1000) -> float:
-    """Seconds per call: a few warm-up calls, then enough calls to fill `min_time` (agreed across ranks)."""
+    """Seconds per call: warm-up calls, then a number of calls agreed by all ranks up front, timed with no other
+    collective inside the timed loop (a stop-flag broadcast every few calls would add its own cycles to the time)."""
     import horovod.torch as hvd
 
     for _ in range(3):
         fn()
-    t0, iters = time.perf_counter(), 0
-    while iters < max_iters:
+    t0 = time.perf_counter()
+    for _ in range(3):
         fn()
-        iters += 1
-        # Every rank must run the same number of collectives: rank 0 decides when to stop.
-        if iters % 5 == 0:
-            stop = hvd.broadcast_object(time.perf_counter() - t0 >= min_time, root_rank=0, name="stop")
-            if stop:
-                break
+    guess = (time.perf_counter() - t0) / 3
+    iters = int(hvd.broadcast_object(min(max_iters, max(5, int(min_time / max(guess, 1e-6)))), 0, name="iters"))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
     return (time.perf_counter() - t0) / iters
 
 
-def worker(out: Path, max_mib: int, wait: str, min_time: float) -> None:
+def worker(out: Path, max_mib: int, wait: str, min_time: float, op: str = "sum") -> None:
     import horovod.torch as hvd  # the benchmark measures Horovod itself, so it calls it directly
+
+    OPS = {"sum": hvd.Sum, "average": hvd.Average}
 
     hvd.init()
     torch.set_num_threads(1)
@@ -130,13 +143,17 @@ def worker(out: Path, max_mib: int, wait: str, min_time: float) -> None:
     rows = []
     for size in (s for s in SIZES if s <= max_mib << 20):
         t = torch.ones(size // 4, dtype=torch.float32)
-        sec = _time(lambda t=t, size=size: wait_all(hvd, [hvd.allreduce_async_(t, name=f"ar{size}")], wait), min_time)
+
+        def one(t=t, size=size) -> None:
+            wait_all(hvd, [hvd.allreduce_async_(t, name=f"ar{size}", op=OPS[op])], wait)
+
+        sec = _time(one, min_time)
         rows.append({"bytes": size, "time_s": sec, "busbw_gbps": size * 2 * (n - 1) / n / sec / 1e9})
     # A backward pass's worth of small gradients: 128 tensors of 64 KiB submitted together (8 MiB in all).
     grads = [torch.ones(16384) for _ in range(128)]
 
     def many() -> None:
-        wait_all(hvd, [hvd.allreduce_async_(g, name=f"g{i}") for i, g in enumerate(grads)], wait)
+        wait_all(hvd, [hvd.allreduce_async_(g, name=f"g{i}", op=OPS[op]) for i, g in enumerate(grads)], wait)
 
     sec = _time(many, min_time=1.5 * min_time, max_iters=200)
     fused = {"tensors": len(grads), "bytes": 128 * 65536, "time_s": sec}
@@ -148,9 +165,9 @@ def _fmt_bytes(b: int) -> str:
     return f"{b >> 20} MiB" if b >= 1 << 20 else f"{b >> 10} KiB"
 
 
-def run_setting(s: Setting, np_: int, max_mib: int, min_time: float, out: Path) -> dict | None:
+def run_setting(s: Setting, np_: int, max_mib: int, min_time: float, out: Path, op: str = "sum") -> dict | None:
     argv = [sys.executable, "-m", "jobs.bench_allreduce", "--worker", str(out), "--max-mib", str(max_mib)]
-    argv += ["--wait", s.wait, "--min-time", str(min_time)]
+    argv += ["--wait", s.wait, "--min-time", str(min_time), "--op", op]
     proc = subprocess.run(
         horovodrun_cmd(np_, argv, s.launch), env=child_env(s.launch), capture_output=True, text=True, timeout=900
     )
@@ -168,11 +185,11 @@ def _best(old: dict | None, new: dict) -> dict:
     return {**new, "rows": rows, "fused": min(old["fused"], new["fused"], key=lambda f: f["time_s"])}
 
 
-def print_table(results: dict[str, dict], mem: float, np_: int) -> None:
+def print_table(results: dict[str, dict], mem: float, np_: int, op: str = "sum") -> None:
     sizes = [r["bytes"] for r in next(iter(results.values()))["rows"]]
     small = [s for s in sizes if s < 1 << 20]
     large = [s for s in sizes if s >= 1 << 20]
-    print(f"\nallreduce in place, one float32 tensor, {np_} ranks; memcpy {mem:.2f} GB/s; * = the default")
+    print(f"\nallreduce in place ({op}), one float32 tensor, {np_} ranks; memcpy {mem:.2f} GB/s; * = the default")
     head = [f"{_fmt_bytes(s)} us" for s in small] + [f"{_fmt_bytes(s)} GB/s" for s in large]
     print(f"{'setting':>26} | " + " | ".join(f"{h:>11}" for h in head) + " | 128x64KiB ms | best % memcpy")
     for lab, res in results.items():
@@ -191,11 +208,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--settings", default="", help="comma-separated subset of: " + ",".join(s.label for s in SETTINGS))
     p.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement (default 0.2)")
     p.add_argument("--repeats", type=int, default=2, help="runs of each setting, interleaved; the best is kept")
+    p.add_argument(
+        "--op",
+        default="sum",
+        choices=("sum", "average"),
+        help="reduction (default sum, as nccl-tests measure; average adds a scaling pass over the result)",
+    )
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--wait", default="sleep", choices=("sleep", "spin"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        worker(a.worker, a.max_mib, a.wait, a.min_time)
+        worker(a.worker, a.max_mib, a.wait, a.min_time, a.op)
         return {}
     wanted = [w.strip() for w in a.settings.split(",") if w.strip()]
     unknown = set(wanted) - {s.label for s in SETTINGS}
@@ -212,13 +235,13 @@ def main(argv: list[str] | None = None) -> dict:
         for rep in range(a.repeats):  # settings interleaved, best of the repeats: a busy neighbour only slows
             mem = max(mem, memcpy_gbps()) if rep else mem  # the ceiling too is the best of the repeats
             for i, s in enumerate(chosen):
-                res = run_setting(s, a.np, a.max_mib, a.min_time, Path(tmp) / f"{rep}-{i}.json")
+                res = run_setting(s, a.np, a.max_mib, a.min_time, Path(tmp) / f"{rep}-{i}.json", a.op)
                 if res is not None:
                     results[s.label] = _best(results.get(s.label), res)
                     print(f"  ran {s.label} ({rep + 1}/{a.repeats})", flush=True)
     if not results:
         raise SystemExit("bench_allreduce: no setting ran")
-    print_table(results, mem, a.np)
+    print_table(results, mem, a.np, a.op)
     verdict = {}
     for lab, res in results.items():
         big = [r["busbw_gbps"] for r in res["rows"] if r["bytes"] >= 16 << 20]

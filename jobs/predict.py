@@ -1,13 +1,14 @@
 """Predict nodule masks with a trained U-Net: `python -m jobs.predict --checkpoint CKPT INPUT --out DIR`.
 
-INPUT is an image (NIfTI, NRRD, MetaImage or a folder of DICOM slices) or a dataset folder (a Decathlon dataset:
-its `test` list, or `--split`; a plain dataset's `images/`; or a folder of images). Each mask is written as
-`DIR/NAME_mask.nii.gz` (uint8, 1 = nodule; `--format nrrd` or `both` for `.nrrd`, what 3D Slicer opens) on the
-input's voxel grid and world geometry: the preprocessing of the checkpoint's config is applied, then undone
-(probabilities resampled back, axes reoriented back). `--lung-mask` keeps only predictions inside the lungs
-(segmentation.lungmask: for whole CTs, where a model trained on crops fires on soft tissue). When the input has a
-label (a Decathlon `training`/`validation` entry or a plain layout's `labels/`) its Dice and the count of predicted
-voxels outside the label are printed and written to `DIR/dice.csv`. Bad input exits with status 2 and names the file.
+INPUT is an image (NIfTI, NRRD, MetaImage or a folder of DICOM slices) or a dataset folder (a Decathlon dataset: its
+`test` list, or `--split`; `--split heldout`: the validation cases the checkpoint's training run held out; a plain
+dataset's `images/`; or a folder of images). Each mask is written as `DIR/NAME_mask.nii.gz` (uint8, 1 = nodule;
+`--format nrrd` or `both` for `.nrrd`, what 3D Slicer opens) on the input's voxel grid and world geometry: the
+preprocessing of the checkpoint's config is applied, then undone (probabilities resampled back, axes reoriented
+back). `--lung-mask` keeps only predictions inside the lungs (segmentation.lungmask: for whole CTs, where a model
+trained on crops fires on soft tissue). When the input has a label (a Decathlon `training`/`validation` entry or a
+plain layout's `labels/`) its Dice and the count of predicted voxels outside the label are printed and written to
+`DIR/dice.csv`. Bad input exits with status 2 and names the file.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segmentation.engine import Predictor, model_from_checkpoint
+from segmentation.engine import Predictor, model_from_checkpoint, split_cases
 from segmentation.formats import is_dicom_dir
 from segmentation.io import (
     IMAGE_SUFFIXES,
@@ -43,11 +44,16 @@ from segmentation.validate import check_volume
 SUFFIXES = {"nifti": (".nii.gz",), "nrrd": (".nrrd",), "both": (".nii.gz", ".nrrd")}
 
 
-def _cases(path: Path, split: str) -> list[Case]:
+def _cases(path: Path, split: str, run_config: dict | None = None) -> list[Case]:
     if (path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)) or is_dicom_dir(path):
         return [Case(case_id_of(path), path)]
     if not path.exists():
         raise FileNotFoundError(f"input {path} does not exist")
+    if split == "heldout":  # the validation cases the checkpoint's run held out, drawn as jobs.train_unet drew them
+        cfg = run_config or {}
+        if "val_fraction" not in cfg:
+            raise DataError("--split heldout: the checkpoint's config has no split settings (val_fraction)")
+        return split_cases(path, cfg["val_fraction"], cfg.get("split_seed", 0), cfg.get("split_group", ""))[1]
     return list_cases(path, split)
 
 
@@ -107,7 +113,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
         choices=POSTPROCESS,
         help="mask post-processing (default: the checkpoint's; use none on whole CTs: the centre is not a nodule)",
     )
-    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="dataset list (default: test)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("train", "val", "test", "heldout"),
+        help="dataset list (default: test); heldout: the validation cases the checkpoint's training run held out "
+        "(its --val-fraction, --split-seed, --split-group), scored here on their original grid",
+    )
     p.add_argument("--suffix", default="_mask", help="appended to the case name (default: _mask; '' keeps it)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
@@ -122,7 +134,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     metric = DiceMetric()
     written = []
-    for case in _cases(Path(args.input), args.split):
+    for case in _cases(Path(args.input), args.split, predictor.run_config):
         written += _predict_case(predictor, case, args, out, metric)
     if metric.rows:
         totals = dict(zip(metric.fields, metric.stats.tolist()))

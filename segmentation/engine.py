@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +297,7 @@ class Predictor:
     device: torch.device = torch.device("cpu")
     tta_flips: tuple[int, ...] = ()
     postprocess: str = "none"
+    run_config: dict[str, Any] = field(default_factory=dict)  # the training run's config (its split, its data)
 
     def probabilities(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
         """Foreground probability on the original grid of `image` (voxels as stored, with its affine)."""
@@ -351,4 +352,5 @@ def model_from_checkpoint(
         device,
         tuple(int(a) for a in inf.get("tta_flips", ())),  # checkpoints from before TTA have neither key
         str(inf.get("postprocess", "none")),
+        config,
     )

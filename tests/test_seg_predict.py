@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 
 import nibabel as nib
@@ -11,7 +12,14 @@ from torch import nn
 
 from jobs import predict
 from segmentation.config import UNetConfig
-from segmentation.engine import Predictor, build_model, checkpoint_config, model_from_checkpoint, model_kwargs
+from segmentation.engine import (
+    Predictor,
+    build_model,
+    checkpoint_config,
+    model_from_checkpoint,
+    model_kwargs,
+    split_cases,
+)
 from segmentation.phantoms import PhantomSpec, write_decathlon
 from segmentation.preprocess import PreprocessParams
 
@@ -121,3 +129,25 @@ def test_predict_applies_the_checkpoints_post_processing_or_the_override(tmp_pat
     n_raw = ndimage.label(raw, structure=np.ones((3, 3, 3)))[1]
     n_post = ndimage.label(post, structure=np.ones((3, 3, 3)))[1]
     assert n_raw > 1 and n_post == 1 and post.sum() < raw.sum() and not (post & ~raw).any()
+
+
+def test_predict_heldout_scores_exactly_the_cases_the_run_held_out(tmp_path, capsys):
+    write_decathlon(tmp_path / "ph", 6, 0, 0, seed=1, spec=SPEC)  # no validation list: the run draws its own split
+    cfg = UNetConfig(features=4, depth=2, patch_size=(16, 16, 16), val_fraction=0.34, split_seed=5)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model": build_model(model_kwargs(cfg)).state_dict(), "config": checkpoint_config(cfg)}, ckpt)
+    args = ["--checkpoint", str(ckpt), str(tmp_path / "ph"), "--out", str(tmp_path / "h"), "--split", "heldout"]
+    predict.main(args)
+    with open(tmp_path / "h" / "dice.csv") as f:
+        scored = sorted(r["case_id"] for r in csv.DictReader(f))
+    held = sorted(c.case_id for c in split_cases(tmp_path / "ph", 0.34, 5)[1])
+    train = {c.case_id for c in split_cases(tmp_path / "ph", 0.34, 5)[0]}
+    assert scored == held and len(held) == 2 and not train & set(scored)
+    assert held != sorted(c.case_id for c in split_cases(tmp_path / "ph", 0.34, 6)[1])  # the seed matters
+    # A checkpoint without split settings: a one-line error and exit status 2, nothing written.
+    config = {k: v for k, v in checkpoint_config(cfg).items() if k != "val_fraction"}
+    torch.save({"model": build_model(model_kwargs(cfg)).state_dict(), "config": config}, ckpt)
+    assert predict.cli([*args[:4], str(tmp_path / "h2"), "--split", "heldout"]) == 2
+    assert "no split settings" in capsys.readouterr().err
+    assert not list((tmp_path / "h2").glob("*.nii.gz"))
