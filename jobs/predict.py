@@ -114,6 +114,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         help="mask post-processing (default: the checkpoint's; use none on whole CTs: the centre is not a nodule)",
     )
     p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="average the 8 mirrorings of X, Y, Z (8x the time; default: the checkpoint's)",
+    )
+    p.add_argument("--threshold", type=float, help="probability threshold of the mask (default: the checkpoint's)")
+    p.add_argument(
         "--split",
         default="test",
         choices=("train", "val", "test", "heldout"),
@@ -130,6 +136,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     predictor = model_from_checkpoint(args.checkpoint, device, args.overlap)
     if args.postprocess:
         predictor.postprocess = args.postprocess
+    if args.tta is not None:
+        predictor.tta_flips = (0, 1, 2) if args.tta else ()
+    if args.threshold is not None:
+        if not 0.0 < args.threshold < 1.0:
+            p.error(f"--threshold must be in (0, 1), got {args.threshold}")
+        predictor.threshold = args.threshold
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metric = DiceMetric()

@@ -7,6 +7,7 @@ import dataclasses
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -151,3 +152,30 @@ def test_predict_heldout_scores_exactly_the_cases_the_run_held_out(tmp_path, cap
     assert predict.cli([*args[:4], str(tmp_path / "h2"), "--split", "heldout"]) == 2
     assert "no split settings" in capsys.readouterr().err
     assert not list((tmp_path / "h2").glob("*.nii.gz"))
+
+
+def test_predict_tta_and_threshold_flags_override_the_checkpoint(tmp_path):
+    write_decathlon(tmp_path / "ph", 1, 1, 1, seed=0, spec=SPEC)
+    image = str(tmp_path / "ph" / "imagesTs" / "phantom_002.nii.gz")
+    cfg = UNetConfig(features=4, depth=2, patch_size=(16, 16, 16))
+    torch.manual_seed(4)
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model": build_model(model_kwargs(cfg)).state_dict(), "config": checkpoint_config(cfg)}, ckpt)
+    img = nib.load(image)
+    pred = model_from_checkpoint(ckpt)
+    plain = pred.probabilities(np.asarray(img.dataobj), img.affine)
+    pred.tta_flips = (0, 1, 2)
+    flipped = pred.probabilities(np.asarray(img.dataobj), img.affine)
+    level = float(np.median(flipped))  # a threshold that splits the volume, so the masks can differ
+
+    def mask(*extra):
+        out = predict.main(["--checkpoint", str(ckpt), image, "--out", str(tmp_path / "-".join(extra)), *extra])
+        return np.asarray(nib.load(str(out[0])).dataobj).astype(bool)
+
+    with_tta = mask("--tta", "--threshold", str(level))
+    assert np.array_equal(with_tta, flipped > level)
+    assert np.array_equal(mask("--no-tta", "--threshold", str(level)), plain > level)
+    assert not np.array_equal(with_tta, plain > level)  # the untrained net is not mirror-symmetric
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--checkpoint", str(ckpt), image, "--out", str(tmp_path / "bad"), "--threshold", "1.5"])
+    assert e.value.code == 2
