@@ -44,7 +44,7 @@ class SpeckleNoise(nn.Module):
         super().__init__()
         self.sigma, self.p = float(sigma), float(p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sigma <= 0 or torch.rand(()) >= self.p:
             return x
         noise = torch.randn(x.shape[-2:], dtype=x.dtype) * self.sigma  # one field for all channels (grey image)
@@ -144,7 +144,7 @@ def mix_batch(
     lam = float(beta.sample())
     perm = torch.randperm(images.shape[0], generator=generator)
     if method == "mixup":
-        mix = lambda x: lam * x + (1 - lam) * x[perm]  # noqa: E731
+        mix = lambda x: lam * x + (1 - lam) * x[perm]
     else:
         h, w = images.shape[-2:]
         ch, cw = round(h * (1 - lam) ** 0.5), round(w * (1 - lam) ** 0.5)

@@ -179,7 +179,7 @@ class CachedDataset(Dataset):
             (`classification.augment.train_pipeline` / `eval_pipeline`).
     """
 
-    def __init__(self, cache: ImageCache, indices: Sequence[int], labels: Sequence[int], pipeline) -> None:  # noqa: ANN001
+    def __init__(self, cache: ImageCache, indices: Sequence[int], labels: Sequence[int], pipeline) -> None:
         if len(indices) != len(labels):
             raise ValueError(f"{len(indices)} indices but {len(labels)} labels")
         self.cache, self.indices, self.pipeline = cache, [int(i) for i in indices], pipeline

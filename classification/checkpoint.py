@@ -80,7 +80,7 @@ def _read(path: str | Path, what: str) -> Any:
         raise FileNotFoundError(f"{what} {p} does not exist")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file; all mean "unusable"
+    except Exception as e:  # torch raises many kinds for a bad file; all mean "unusable"
         raise CheckpointError(f"cannot load {what} {p}: {e}") from e
 
 

@@ -55,7 +55,7 @@ class SmallCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(c_in, num_classes))
 
-    def forward(self, x):  # noqa: ANN001, ANN201 - nn.Module convention
+    def forward(self, x):  # nn.Module convention
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
@@ -107,7 +107,7 @@ def encoder_and_head(net: nn.Module) -> tuple[Callable[[Tensor], Tensor], Callab
     if isinstance(net, SmallCNN):
         return net.features, lambda f: net.classifier(net.pool(f).flatten(1)), net.classifier[1].in_features
     if isinstance(net, torchvision.models.MobileNetV2):
-        pool = lambda f: torch.flatten(nn.functional.adaptive_avg_pool2d(f, 1), 1)  # noqa: E731
+        pool = lambda f: torch.flatten(nn.functional.adaptive_avg_pool2d(f, 1), 1)
         return net.features, lambda f: net.classifier(pool(f)), net.classifier[1].in_features
     raise TypeError(f"no encoder split for {type(net).__name__}")
 
@@ -131,7 +131,7 @@ class SegAuxClassifier(nn.Module):
             nn.Conv2d(hidden, 1, 1),
         )
 
-    def forward(self, x: Tensor, with_mask: bool = False) -> Tensor | tuple[Tensor, Tensor]:  # noqa: D102
+    def forward(self, x: Tensor, with_mask: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         features, head, _ = encoder_and_head(self.net)  # per call: closures must follow deepcopies (EMA)
         f = features(x)
         logits = head(f)
@@ -172,7 +172,7 @@ class EMAClassifier(nn.Module):
             e.copy_(b)
         self.ema_updates += 1
 
-    def forward(self, x: Tensor, **kwargs: Any) -> Any:  # noqa: D102
+    def forward(self, x: Tensor, **kwargs: Any) -> Any:
         if self.training:
             self.update()
             return self.net(x, **kwargs)

@@ -70,7 +70,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save(path: Path, state: dict[str, Any]) -> None:
     """Write `state` to `path` atomically, with a readable `<name>.meta.json` beside it. Call on rank 0."""
     write_atomic(path, lambda tmp: torch.save(state, tmp))
-    meta = {k: state[k] for k in ("epoch", "step", "best_metric", "epoch_complete") if k in state}
+    meta = {k: state[k] for k in ("epoch", "step", "best_metric") if k in state}
     meta["file"] = path.name
     write_text_atomic(path.with_suffix(".meta.json"), json.dumps(meta, indent=1))
 

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
     """A config file or flag that cannot be used."""
 
 
-def arg(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: A002 - mirrors argparse
+def arg(default: Any, help: str, choices: tuple | None = None) -> Any:  # mirrors argparse
     """A dataclass field with its --help text (and allowed values)."""
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, "choices": choices})

@@ -169,11 +169,11 @@ class _SumGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
         return _hvd.allreduce(t, op=_hvd.Sum, name=f"sum_grad.{t.dtype}")  # hvd:
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return _hvd.allreduce(grad.contiguous(), op=_hvd.Sum, name=f"sum_grad.backward.{grad.dtype}")  # hvd:
 
 

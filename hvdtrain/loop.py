@@ -52,7 +52,7 @@ class Preemption:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
-    def _handler(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+    def _handler(self, signum: int, frame: Any) -> None:
         self.flag = True
 
     def local(self, step: int) -> bool:

@@ -36,7 +36,7 @@ class LARS(torch.optim.Optimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+    def step(self, closure=None):  # torch's signature
         loss = closure() if closure is not None else None
         for g in self.param_groups:
             for p in g["params"]:
@@ -68,7 +68,7 @@ class LAMB(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adapt=adapt))
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+    def step(self, closure=None):  # torch's signature
         loss = closure() if closure is not None else None
         for g in self.param_groups:
             b1, b2 = g["betas"]

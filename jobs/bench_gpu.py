@@ -374,7 +374,7 @@ def run_all(a: argparse.Namespace, device: torch.device, sz: Sizes) -> dict:
             t0 = time.perf_counter()
             try:
                 res[name] = fn(Path(tmp))
-            except Exception as e:  # noqa: BLE001 - report every section; the exit status says one failed
+            except Exception as e:  # report every section; the exit status says one failed
                 res["errors"][name] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
             print(f"  {name}: {time.perf_counter() - t0:.1f} s", flush=True)

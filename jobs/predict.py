@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hvdtrain.checkpoint import CheckpointError
 from segmentation.engine import Predictor, model_from_checkpoint, split_cases
 from segmentation.formats import is_dicom_dir
 from segmentation.io import (
@@ -165,7 +166,7 @@ def cli(argv: list[str] | None = None) -> int:
     """`main` with bad input reported as one line naming the file, and exit status 2."""
     try:
         main(argv)
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

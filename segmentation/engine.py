@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -271,17 +271,13 @@ def fit_unet(
     return {**summary, "train_samples": len(ds)}, model, val, eval_fn
 
 
-def _config_section(config: dict[str, Any], key: str) -> dict[str, Any]:
-    """`config[key]`, or rebuilt from the flat UNetConfig fields of an older checkpoint."""
-    if key in config:
-        return dict(config[key])
-    names = {f.name for f in fields(UNetConfig)}
-    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
-    return {
-        "model": model_kwargs,
-        "preprocess": lambda c: preprocess_params(c).to_dict(),
-        "inference": inference_params,
-    }[key](cfg)
+def _config_section(config: dict[str, Any], key: str, path: str | Path) -> dict[str, Any]:
+    """`config[key]` of a checkpoint that `fit_unet` wrote; a clear error for any other file."""
+    from hvdtrain.checkpoint import CheckpointError
+
+    if not isinstance(config.get(key), dict):
+        raise CheckpointError(f"{path}: not a U-Net checkpoint (its config has no {key!r} section)")
+    return dict(config[key])
 
 
 @dataclass
@@ -337,14 +333,14 @@ def model_from_checkpoint(
 
     ckpt = checkpoint.load(Path(path))
     config = ckpt.get("config") or {}
-    model = build_model(_config_section(config, "model"))
+    model = build_model(_config_section(config, "model", path))
     model.load_state_dict(ckpt["model"])
     device = torch.device(device)
     model.to(device).eval()
-    inf = _config_section(config, "inference")
+    inf = _config_section(config, "inference", path)
     return Predictor(
         model,
-        PreprocessParams.from_dict(_config_section(config, "preprocess")),
+        PreprocessParams.from_dict(_config_section(config, "preprocess", path)),
         tuple(int(r) for r in inf["roi_size"]),
         float(inf["overlap"] if overlap is None else overlap),
         int(inf["sw_batch_size"]),

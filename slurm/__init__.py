@@ -1,4 +1,4 @@
-"""Slurm and PBS job scripts rendered from one spec (`python -m slurm.render --all`), 1 to 64 GPUs.
+"""Slurm and PBS job scripts rendered from one spec (`python -m slurm --all`), 1 to 64 GPUs.
 
 `JobSpec` holds what a job needs and runs; `render` turns it into an sbatch or qsub script; `catalog` lists the
 checked-in scripts (U-Net and classifier at 1-64 GPUs, the demo CPU job, the Optuna array, the scaling sweep).

@@ -1,6 +1,6 @@
 """The checked-in job scripts: which specs exist, built from the job families here and the site settings.
 
-`catalog()` maps each script's path in the repository to its rendered text; `python -m slurm.render --all` writes
+`catalog()` maps each script's path in the repository to its rendered text; `python -m slurm --all` writes
 them and the golden-file tests compare them. Site specifics (partition, queue, account, GPUs per node, module loads)
 live in slurm/specs/site.yaml so that adapting the scripts to a cluster is one edit and one render.
 """

@@ -1,10 +1,4 @@
-"""Render Slurm (sbatch) and PBS (qsub) scripts from a `JobSpec`; `python -m slurm.render --all` writes them all.
-
-    python -m slurm.render --all      rewrite every checked-in script (slurm/*.sh, slurm/pbs/*.sh,
-                                      tests/golden/slurm/*.sh) from slurm/catalog.py and slurm/specs/site.yaml
-    python -m slurm.render --check    exit 1 and name the scripts that differ from a fresh render
-    python -m slurm.render --job unet --gpus 64 --gpus-per-node 8 --launcher horovodrun -o my_unet.sh
-    python -m slurm.render --spec my_job.yaml [--scheduler pbs] [-o FILE]
+"""Render Slurm (sbatch) and PBS (qsub) scripts from a `JobSpec` (the command line is `python -m slurm`).
 
 A rendered script has the same sections on both schedulers: directives (each with a comment), site set-up,
 environment, run folder, launch, and the requeue after a preemption checkpoint (docs/CONTRACT.md: the trainer
@@ -13,17 +7,14 @@ writes $RUN_DIR/REQUEUE and exits 0 when a warning signal made it stop early).
 
 from __future__ import annotations
 
-import argparse
-import difflib
-import sys
 from pathlib import Path
 
-from .spec import JobSpec, SpecError, load_spec
+from .spec import JobSpec
 
-__all__ = ["render", "render_sweep", "main", "ROOT", "GENERATED_BY"]
+__all__ = ["render", "render_sweep", "ROOT", "GENERATED_BY"]
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATED_BY = "python -m slurm.render --all"
+GENERATED_BY = "python -m slurm --all"
 _WIDTH = 110  # rendered comment lines stay under this
 
 
@@ -75,7 +66,7 @@ def _header(spec: JobSpec, source: str) -> list[str]:
     if spec.run_dir:
         lines += [f"# Continue an earlier run folder:   {resume}"]
     lines += _wrap_comment(
-        f"Rendered by `python -m slurm.render` from {source or 'a job spec'}: change the spec and render again "
+        f"Rendered by `python -m slurm` from {source or 'a job spec'}: change the spec and render again "
         "rather than editing this file (golden-file tests compare the two)."
     )
     return lines
@@ -209,7 +200,7 @@ def _stall_requeue(slurm: bool) -> list[str]:
 
 # ---- Slurm -----------------------------------------------------------------------------------------------------
 def _slurm_directives(spec: JobSpec) -> list[str]:
-    d = lambda text, why="": _directive("#SBATCH", text, why)  # noqa: E731
+    d = lambda text, why="": _directive("#SBATCH", text, why)
     lines = [_section("resources"), *d(f"--job-name={spec.name}")]
     if spec.gpus:
         lines += d(
@@ -376,7 +367,7 @@ def _pbs_walltime(seconds: int) -> str:
 
 
 def _pbs_directives(spec: JobSpec) -> list[str]:
-    d = lambda text, why="": _directive("#PBS", text, why)  # noqa: E731
+    d = lambda text, why="": _directive("#PBS", text, why)
     ncpus = spec.ranks_per_node * spec.cpus_per_task
     chunk = f"{spec.nodes}:ncpus={ncpus}"
     if spec.gpus:
@@ -544,7 +535,7 @@ def render_sweep(family: str, gpu_counts: tuple[int, ...], report_script: str, s
         '#     GPUS="1 2 4 8" bash slurm/scaling_sweep.sh        # some of the GPU counts',
         '#     REPORT_ARGS="--predict a100_ib" bash slurm/scaling_sweep.sh',
         *_wrap_comment(
-            f"Rendered by `python -m slurm.render` from {source or 'a job spec'}: change the spec and render again "
+            f"Rendered by `python -m slurm` from {source or 'a job spec'}: change the spec and render again "
             "rather than editing this file (golden-file tests compare the two)."
         ),
         "set -euo pipefail",
@@ -562,7 +553,7 @@ def render_sweep(family: str, gpu_counts: tuple[int, ...], report_script: str, s
         f"    script=slurm/{family}_${{g}}gpu.sh",
         "    if [[ ! -f $script ]]; then",
         '        echo "scaling_sweep: no $script; render it with" \\',
-        f'            "python -m slurm.render --job {family} --gpus $g -o $script" >&2',
+        f'            "python -m slurm --job {family} --gpus $g -o $script" >&2',
         "        exit 1",
         "    fi",
         '    # --parsable prints "id" or "id;cluster".',
@@ -581,111 +572,3 @@ def render_sweep(family: str, gpu_counts: tuple[int, ...], report_script: str, s
         "",
     ]
     return "\n".join(lines)
-
-
-# ---- command line ----------------------------------------------------------------------------------------------
-def write_all(root: Path = ROOT) -> list[str]:
-    """Write every catalog script under `root`; returns the paths whose text changed."""
-    from .catalog import catalog  # here: catalog imports this module
-
-    changed = []
-    for rel, text in catalog().items():
-        path = root / rel
-        if not path.exists() or path.read_text() != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            changed.append(rel)
-        path.chmod(0o755)
-    return changed
-
-
-def check_all(root: Path = ROOT) -> list[str]:
-    """Paths of catalog scripts that are missing under `root` or differ from a fresh render, each with a diff."""
-    from .catalog import catalog
-
-    problems = []
-    for rel, text in catalog().items():
-        path = root / rel
-        if not path.exists():
-            problems.append(f"{rel}: missing")
-            continue
-        old = path.read_text()
-        if old != text:
-            diff = difflib.unified_diff(
-                old.splitlines(), text.splitlines(), f"{rel} (checked in)", "rendered", n=1, lineterm=""
-            )
-            problems.append(f"{rel}: differs\n" + "\n".join(list(diff)[:40]))
-    return problems
-
-
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m slurm.render",
-        description=__doc__.splitlines()[0],
-        epilog="\n".join(__doc__.splitlines()[2:]),
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--all", action="store_true", help="write every checked-in script from the catalog")
-    what.add_argument("--check", action="store_true", help="exit 1 if a checked-in script differs from its render")
-    what.add_argument("--job", help="a catalog family (unet, classifier) at --gpus")
-    what.add_argument("--spec", help="a YAML file of JobSpec fields (name, command, gpus, ...)")
-    p.add_argument("--gpus", type=int, help="GPUs in all (one rank per GPU)")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: site.yaml's)")
-    p.add_argument("--scheduler", choices=("slurm", "pbs"), help="sbatch or qsub script")
-    p.add_argument("--launcher", choices=("srun", "mpirun", "horovodrun", "none"), help="how the ranks start")
-    p.add_argument("--partition", help="Slurm partition or PBS queue")
-    p.add_argument("--account", help="account charged")
-    p.add_argument("-o", "--out", help="write the script here (default: stdout)")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = _parse(argv)
-    if a.all:
-        changed = write_all()
-        print(f"slurm.render: {len(changed)} script(s) written" + "".join(f"\n  {c}" for c in changed))
-        return 0
-    if a.check:
-        problems = check_all()
-        for msg in problems:
-            print(msg, file=sys.stderr)
-        if problems:
-            print(f"run `{GENERATED_BY}` and review the diff if this change is intended", file=sys.stderr)
-        return 1 if problems else 0
-    overrides = {
-        "gpus_per_node": a.gpus_per_node,
-        "scheduler": a.scheduler,
-        "launcher": a.launcher,
-        "partition": a.partition,
-        "account": a.account,
-    }
-    try:
-        if a.job:
-            from .catalog import SITE_FILE, SOURCE, family_spec, load_site
-
-            if a.gpus is None:
-                raise SpecError("--job needs --gpus")
-            changes = {k: v for k, v in overrides.items() if v not in (None, "") and k != "scheduler"}
-            spec = family_spec(load_site(SITE_FILE), a.job, a.gpus, a.scheduler or "slurm", **changes)
-            source = SOURCE
-        else:
-            spec = load_spec(a.spec, gpus=a.gpus, **overrides)
-            source = a.spec
-        if a.out:
-            spec = spec.replace(script=a.out)
-        text = render(spec, source)
-    except (SpecError, FileNotFoundError) as e:
-        print(f"slurm.render: error: {e}", file=sys.stderr)
-        return 2
-    if a.out:
-        Path(a.out).write_text(text)
-        Path(a.out).chmod(0o755)
-        print(f"slurm.render: wrote {a.out}")
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

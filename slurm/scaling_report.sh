@@ -3,8 +3,8 @@
 # 1 CPU rank on one node, no GPU; one process.
 #
 # Submit from the repository root:  sbatch slurm/scaling_report.sh [extra flags for the command]
-# Rendered by `python -m slurm.render` from slurm/catalog.py and slurm/specs/site.yaml: change the spec and
-# render again rather than editing this file (golden-file tests compare the two).
+# Rendered by `python -m slurm` from slurm/catalog.py and slurm/specs/site.yaml: change the spec and render
+# again rather than editing this file (golden-file tests compare the two).
 
 # ---- resources ---------------------------------------------------------------------------------------------
 #SBATCH --job-name=scaling_report

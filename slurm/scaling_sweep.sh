@@ -6,8 +6,8 @@
 #     bash slurm/scaling_sweep.sh [extra trainer flags, e.g. --epochs 20]
 #     GPUS="1 2 4 8" bash slurm/scaling_sweep.sh        # some of the GPU counts
 #     REPORT_ARGS="--predict a100_ib" bash slurm/scaling_sweep.sh
-# Rendered by `python -m slurm.render` from slurm/catalog.py and slurm/specs/site.yaml: change the spec and
-# render again rather than editing this file (golden-file tests compare the two).
+# Rendered by `python -m slurm` from slurm/catalog.py and slurm/specs/site.yaml: change the spec and render
+# again rather than editing this file (golden-file tests compare the two).
 set -euo pipefail
 if [[ ! -d jobs ]]; then
     echo "scaling_sweep: run from the repository root (no jobs/ in $PWD)" >&2
@@ -23,7 +23,7 @@ for g in $GPUS; do
     script=slurm/unet_${g}gpu.sh
     if [[ ! -f $script ]]; then
         echo "scaling_sweep: no $script; render it with" \
-            "python -m slurm.render --job unet --gpus $g -o $script" >&2
+            "python -m slurm --job unet --gpus $g -o $script" >&2
         exit 1
     fi
     # --parsable prints "id" or "id;cluster".

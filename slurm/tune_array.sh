@@ -3,8 +3,8 @@
 # 1 GPU on 1 node x 1, one Horovod rank per GPU; launched with srun.
 #
 # Submit from the repository root:  sbatch slurm/tune_array.sh [extra flags for the command]
-# Rendered by `python -m slurm.render` from slurm/catalog.py and slurm/specs/site.yaml: change the spec and
-# render again rather than editing this file (golden-file tests compare the two).
+# Rendered by `python -m slurm` from slurm/catalog.py and slurm/specs/site.yaml: change the spec and render
+# again rather than editing this file (golden-file tests compare the two).
 
 # ---- resources ---------------------------------------------------------------------------------------------
 #SBATCH --job-name=tune_array

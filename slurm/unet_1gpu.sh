@@ -4,8 +4,8 @@
 #
 # Submit from the repository root:  sbatch slurm/unet_1gpu.sh [extra flags for the command]
 # Continue an earlier run folder:   sbatch --export=ALL,RUN_DIR=<run folder> slurm/unet_1gpu.sh
-# Rendered by `python -m slurm.render` from slurm/catalog.py and slurm/specs/site.yaml: change the spec and
-# render again rather than editing this file (golden-file tests compare the two).
+# Rendered by `python -m slurm` from slurm/catalog.py and slurm/specs/site.yaml: change the spec and render
+# again rather than editing this file (golden-file tests compare the two).
 
 # ---- resources ---------------------------------------------------------------------------------------------
 #SBATCH --job-name=unet_1gpu

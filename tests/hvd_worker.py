@@ -16,9 +16,9 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hvdtrain import TrainConfig, data, dist, fit  # noqa: E402
-from hvdtrain.metrics import SumMetric  # noqa: E402
-from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn  # noqa: E402
+from hvdtrain import TrainConfig, data, dist, fit
+from hvdtrain.metrics import SumMetric
+from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
 
 
 def collectives(out: Path) -> None:

@@ -151,7 +151,7 @@ def test_disk_full_during_preprocessing_leaves_no_trusted_entry(tmp_path):
         "preprocess_dataset(list_cases(sys.argv[1], 'test'), sys.argv[2], PreprocessParams(target_spacing=(0, 0, 0)))"
     )
     cmd = [sys.executable, "-c", script, str(tmp_path), str(tmp_path / "cache")]
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # noqa: E731 - 64*64*40*4 bytes won't fit
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # 64*64*40*4 bytes won't fit
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60, preexec_fn=limit)
     assert p.returncode != 0 and time.time() - t0 < 60

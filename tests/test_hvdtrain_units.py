@@ -356,7 +356,7 @@ def test_save_is_atomic_and_keeps_the_old_file_when_a_write_fails(tmp_path, monk
     checkpoint.save(path, {"step": 3, "epoch": 1, "w": torch.ones(2)})
     assert json.loads(path.with_suffix(".meta.json").read_text()) == {"step": 3, "epoch": 1, "file": "last.pt"}
 
-    def broken_save(obj, f):  # noqa: ANN001
+    def broken_save(obj, f):
         Path(f).write_bytes(b"half a checkpoint")
         raise OSError("disk full")
 
@@ -519,7 +519,7 @@ def test_gradient_clipping_bounds_the_step(tmp_path):
 
 
 def test_a_nan_loss_stops_before_the_step(tmp_path):
-    def nan_after_first(model, batch, device):  # noqa: ANN001
+    def nan_after_first(model, batch, device):
         loss, n = step_fn(model, batch, device)
         nan_after_first.calls += 1
         return (loss * float("nan") if nan_after_first.calls > 16 else loss), n

@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segmentation.losses import DiceLoss  # noqa: E402
-from segmentation.metrics import DiceMetric  # noqa: E402
+from segmentation.losses import DiceLoss
+from segmentation.metrics import DiceMetric
 
 pytestmark = pytest.mark.multirank
 

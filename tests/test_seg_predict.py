@@ -179,3 +179,14 @@ def test_predict_tta_and_threshold_flags_override_the_checkpoint(tmp_path):
     with pytest.raises(SystemExit) as e:
         predict.main(["--checkpoint", str(ckpt), image, "--out", str(tmp_path / "bad"), "--threshold", "1.5"])
     assert e.value.code == 2
+
+
+def test_predict_names_a_checkpoint_that_is_not_a_unet(tmp_path, capsys):
+    write_decathlon(tmp_path / "ph", 1, 0, 1, seed=0, spec=SPEC)
+    ckpt = tmp_path / "classifier.pt"
+    torch.save({"model": {}, "config": {"model": "resnet18", "epochs": 3}}, ckpt)  # a classifier run's config
+    out = tmp_path / "out"
+    assert predict.cli(["--checkpoint", str(ckpt), str(tmp_path / "ph"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "not a U-Net checkpoint" in err
+    assert not list(out.glob("*.nii.gz"))

@@ -1,7 +1,7 @@
 """The rendered job script on a real one-node Slurm cluster: a 2-rank Horovod run, then a preempted one.
 
 The cluster is started by scripts/slurm_cluster.sh (munged, slurmctld, slurmd as root, in a folder); the tests submit
-slurm/demo_2cpu.sh, the CPU variant that `python -m slurm.render --all` writes, unchanged. They skip only without root
+slurm/demo_2cpu.sh, the CPU variant that `python -m slurm --all` writes, unchanged. They skip only without root
 or without the Debian packages (slurm-wlm, munge); anything else that goes wrong fails them, with the job's log.
 A session starts its own private cluster, or uses the one in $HVDTRAIN_SLURM_DIR (see the `cluster` fixture).
 """

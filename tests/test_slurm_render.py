@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from slurm import JobSpec, SpecError, load_site, load_spec, parse_walltime
+from slurm.__main__ import check_all, main
 from slurm.catalog import GPU_COUNTS, SITE_FILE, catalog, demo_spec, family_spec
-from slurm.render import GENERATED_BY, check_all, main, render
+from slurm.render import GENERATED_BY, render
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = catalog()
@@ -32,7 +33,7 @@ def test_golden(rel: str) -> None:
             list(difflib.unified_diff(old.splitlines(), CATALOG[rel].splitlines(), rel, "rendered", lineterm=""))[:30]
         )
         pytest.fail(
-            f"{rel} differs from what slurm/render.py renders now; run `{GENERATED_BY}` and review the diff if "
+            f"{rel} differs from what `python -m slurm` renders now; run `{GENERATED_BY}` and review the diff if "
             f"this change is intended.\n{diff}"
         )
 
@@ -300,7 +301,7 @@ def test_cli_spec_and_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
 
 def test_python_m_entry_point() -> None:
     p = subprocess.run(
-        [sys.executable, "-m", "slurm.render", "--job", "classifier", "--gpus", "4"],
+        [sys.executable, "-m", "slurm", "--job", "classifier", "--gpus", "4"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tuning.tasks import ClassifierTask  # noqa: E402
+from tuning.tasks import ClassifierTask
 
 pytestmark = pytest.mark.multirank
 

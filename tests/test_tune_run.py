@@ -83,7 +83,7 @@ def _poll_running(storage_url: str, name: str, number: int, min_epochs: int, pro
         assert proc.poll() is None, "the worker finished before it could be killed"
         try:
             trials = _load(name, storage_url).trials
-        except Exception:  # noqa: BLE001 - the study may not exist yet, or the file is busy
+        except Exception:  # the study may not exist yet, or the file is busy
             trials = []
         if len(trials) > number and trials[number].state == TrialState.RUNNING:
             if len(trials[number].intermediate_values) >= min_epochs:

@@ -42,7 +42,7 @@ def test_samplers_from_different_worker_seeds_draw_different_trials():
     firsts = []
     for worker in range(4):
         sampler = make_sampler("tpe", worker_seed(0, worker), n_startup_trials=10)
-        assert sampler._multivariate and sampler._constant_liar  # noqa: SLF001 - the recipe this module promises
+        assert sampler._multivariate and sampler._constant_liar  # the recipe this module promises
         study = optuna.create_study(sampler=sampler)
         firsts.append(study.ask().suggest_float("lr", 1e-5, 1e-1, log=True))
     assert len(set(firsts)) == 4

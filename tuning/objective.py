@@ -125,7 +125,7 @@ def _ask(study: optuna.Study, space: SearchSpace, worker: Worker) -> tuple[optun
         trial.set_user_attr("worker_id", worker.id)
         trial.set_user_attr("sampler_seed", worker.seed)
         params = space.suggest(trial)
-        retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")  # noqa: SLF001
+        retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
         if retry_of is not None:
             if trial.user_attrs.get("error"):  # copied from the failed trial by the retry callback
                 trial.set_user_attr("error", "")
@@ -183,7 +183,7 @@ def _tell(study, trial, result: TrialResult, summary: dict[str, Any], opts: RunO
     else:
         study.tell(trial, state=TrialState.FAIL)
         if result.state == "PREEMPTED":  # signalled: its last.pt lets a retry continue where it stopped
-            frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+            frozen = study._storage.get_trial(trial._trial_id)
             retry_callback(opts.max_retry)(study, frozen)
 
 
@@ -193,7 +193,7 @@ def _train(task: Task, cfg: Any, reporter: EpochReporter) -> tuple[str, dict[str
         summary = task.train(cfg, reporter)
     except optuna.TrialPruned as e:
         return "PRUNED", {}, str(e)
-    except Exception as e:  # noqa: BLE001 - a diverging or misconfigured trial must not end the study
+    except Exception as e:  # a diverging or misconfigured trial must not end the study
         if dist.info().size > 1:
             raise  # ranks may be out of step after a failure on one of them: end the launch
         return "FAIL", {}, f"{type(e).__name__}: {e}"

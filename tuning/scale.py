@@ -22,7 +22,7 @@ from typing import Any
 
 from hvdtrain.schedule import scale_lr
 
-__all__ = ["RULES", "ScaleError", "Reference", "Plan", "lr_factor", "plan_for", "plan_all"]
+__all__ = ["RULES", "ScaleError", "Reference", "Plan", "lr_factor", "plan_for"]
 
 RULES = ("linear", "sqrt", "none")
 
@@ -170,10 +170,3 @@ def plan_for(ref: Reference, gpus: int, rule: str, warmup: float, keep_global_ba
         if steps < 10 and gpus != ref.gpus:
             notes.append("warning: under 10 steps per epoch; consider --keep-global-batch or fewer GPUs")
     return Plan(gpus, batch, accum, _sig(lr), rule, warm, epochs, g, _sig(peak), steps, tuple(notes))
-
-
-def plan_all(
-    ref: Reference, gpu_counts: list[int], rule: str, warmup: float, keep_global_batch: bool = False
-) -> list[Plan]:
-    """One plan per GPU count; raises `ScaleError` for the first count that cannot work."""
-    return [plan_for(ref, n, rule, warmup, keep_global_batch) for n in gpu_counts]

@@ -239,7 +239,7 @@ class Worker:
 
 
 def _try_lock(path: Path) -> IO | None:
-    f = open(path, "a+")  # noqa: SIM115 - held open for the worker's lifetime
+    f = open(path, "a+")  # held open for the worker's lifetime
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -279,7 +279,7 @@ def claim_worker(study_dir: str | Path, worker_id: int | None = None) -> Worker:
 
 def _fail_and_retry(study: optuna.Study, trial_id: int, max_retry: int) -> bool:
     """Mark one RUNNING trial FAIL and queue its parameters again; False when another process got there first."""
-    storage = study._storage  # noqa: SLF001 - Optuna's own fail_stale_trials works on the storage the same way
+    storage = study._storage  # Optuna's own fail_stale_trials works on the storage the same way
     try:
         if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
             return False
@@ -296,7 +296,7 @@ def reclaim_orphans(study: optuna.Study, worker: Worker, max_retry: int = 3) -> 
     """
     numbers = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("worker") == worker.key and _fail_and_retry(study, t._trial_id, max_retry):  # noqa: SLF001
+        if t.user_attrs.get("worker") == worker.key and _fail_and_retry(study, t._trial_id, max_retry):
             numbers.append(t.number)
     return numbers
 
@@ -311,7 +311,7 @@ def fail_stale(study: optuna.Study) -> None:
 @contextlib.contextmanager
 def heartbeat(study: optuna.Study | None, trial: optuna.Trial | FrozenTrial | None) -> Iterator[None]:
     """Record the trial's heartbeat every interval while the block runs (RDB storages with a heartbeat only)."""
-    storage = study._storage if study is not None else None  # noqa: SLF001
+    storage = study._storage if study is not None else None
     interval = (
         storage.get_heartbeat_interval() if storage is not None and hasattr(storage, "record_heartbeat") else None
     )
@@ -319,7 +319,7 @@ def heartbeat(study: optuna.Study | None, trial: optuna.Trial | FrozenTrial | No
         yield
         return
     stop = threading.Event()
-    trial_id = trial._trial_id  # noqa: SLF001 - Optuna exposes no public trial id
+    trial_id = trial._trial_id  # Optuna exposes no public trial id
 
     def beat() -> None:
         while True:

@@ -4,8 +4,8 @@
 #
 # Submit from the repository root:  qsub [-v TRAIN_ARGS="extra flags"] slurm/pbs/unet_32gpu.sh
 # Continue an earlier run folder:   qsub -v RUN_DIR=<run folder> slurm/pbs/unet_32gpu.sh
-# Rendered by `python -m slurm.render` from slurm/catalog.py and slurm/specs/site.yaml: change the spec and
-# render again rather than editing this file (golden-file tests compare the two).
+# Rendered by `python -m slurm` from slurm/catalog.py and slurm/specs/site.yaml: change the spec and render
+# again rather than editing this file (golden-file tests compare the two).
 
 # ---- resources ---------------------------------------------------------------------------------------------
 #PBS -N unet_32gpu

@@ -4,8 +4,8 @@
 #
 # Submit from the repository root:  sbatch tests/golden/slurm/unet_64gpu_8pernode.sh [extra flags for the command]
 # Continue an earlier run folder:   sbatch --export=ALL,RUN_DIR=<run folder> tests/golden/slurm/unet_64gpu_8pernode.sh
-# Rendered by `python -m slurm.render` from slurm/catalog.py and slurm/specs/site.yaml: change the spec and
-# render again rather than editing this file (golden-file tests compare the two).
+# Rendered by `python -m slurm` from slurm/catalog.py and slurm/specs/site.yaml: change the spec and render
+# again rather than editing this file (golden-file tests compare the two).
 
 # ---- resources ---------------------------------------------------------------------------------------------
 #SBATCH --job-name=unet_64gpu
