@@ -18,6 +18,7 @@ from scaling.perfmodel import (
     DEFAULT_GPUS,
     PROFILES,
     assumption_lines,
+    derive,
     format_prediction,
     get_profile,
     predict_table,
@@ -63,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         changes = {k: getattr(a, k) for k in _OVERRIDES if getattr(a, k) is not None}
         if a.hierarchical != "profile":
             changes["hierarchical"] = a.hierarchical == "on"
+        for k, v in changes.items():
+            flag = "--hierarchical" if k == "hierarchical" else f"--{k.replace('_', '-')}"
+            profile = derive(profile, f"command line: {flag} {a.hierarchical if k == 'hierarchical' else v}", **{k: v})
         if changes:
-            profile = replace(profile, name=f"{profile.name}+custom", **changes)
+            profile = replace(profile, name=f"{profile.name}+custom")
         grad_bytes = a.grad_bytes / 2 if a.fp16_allreduce else a.grad_bytes
         gpus = [int(g) for g in a.gpus.split(",")]
         rows = predict_table(profile, a.step_time, grad_bytes, a.samples, a.batch, gpus, a.accum, a.measured_on)

@@ -31,6 +31,7 @@ import numpy as np
 __all__ = [
     "DEFAULT_GPUS",
     "PROFILES",
+    "SOURCED_FIELDS",
     "Calibration",
     "MachineProfile",
     "Measurement",
@@ -38,15 +39,18 @@ __all__ = [
     "assumption_lines",
     "calibrate",
     "compute_on",
+    "derive",
     "format_prediction",
     "get_profile",
     "grad_bytes_of",
     "hierarchical_allreduce_time",
     "load_profile",
+    "missing_sources",
     "predict_point",
     "predict_table",
     "profile_dict",
     "ring_allreduce_time",
+    "source_lines",
 ]
 
 DEFAULT_GPUS = (1, 2, 4, 8, 16, 32, 64)
@@ -56,7 +60,11 @@ MB = 1024 * 1024  # Horovod's fusion threshold is in MiB
 
 @dataclass(frozen=True)
 class MachineProfile:
-    """A cluster, as the performance model sees it. Bandwidths are effective (achieved), not line rates."""
+    """A cluster, as the performance model sees it. Bandwidths are effective (achieved), not line rates.
+
+    `sources` says where each number comes from: a citation (datasheet and figure), "measured: <command>" or
+    "assumption: <why>"; `missing_sources` lists the numbers without one.
+    """
 
     name: str
     gpu: str  # accelerator, for the printout
@@ -72,7 +80,8 @@ class MachineProfile:
     cycle_ms: float = 1.0  # HOROVOD_CYCLE_TIME in ms
     overlap: float = 0.5  # fraction of the allreduce hidden behind the backward pass (0..1)
     backward_fraction: float = 2.0 / 3.0  # share of the compute that is backward: the most comm can hide behind
-    notes: str = ""  # where the numbers come from
+    notes: str = ""  # what the machine is, in one sentence
+    sources: dict[str, str] = field(default_factory=dict, compare=False)  # field name -> where its value comes from
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +97,9 @@ class MachineProfile:
         for name in ("overlap", "backward_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        unknown = sorted(set(self.sources) - set(SOURCED_FIELDS))
+        if unknown:
+            problems.append(f"sources name fields that are not numbers of the profile: {unknown}")
         if problems:
             raise ValueError(f"machine profile {self.name!r}: " + "; ".join(problems))
 
@@ -97,7 +109,29 @@ class MachineProfile:
         return self.nic_bw_gbs * min(self.nics_per_node, self.gpus_per_node)
 
 
-# The numbers are assumptions stated in `notes`; pass a YAML/JSON profile or CLI flags to use your own.
+# The numbers of a profile that need a source (with `from __future__ import annotations` the types are strings).
+SOURCED_FIELDS = tuple(f.name for f in fields(MachineProfile) if f.type in ("int", "float", "bool"))
+
+
+def missing_sources(profile: MachineProfile) -> list[str]:
+    """The numeric fields of `profile` that have no (or an empty) source."""
+    return [name for name in SOURCED_FIELDS if not profile.sources.get(name, "").strip()]
+
+
+def derive(profile: MachineProfile, source: str, **changes: Any) -> MachineProfile:
+    """`profile` with `changes` applied and `source` recorded for each changed number."""
+    sources = {**profile.sources, **{k: source for k in changes if k in SOURCED_FIELDS}}
+    return replace(profile, **changes, sources=sources)
+
+
+# Shared sources. Horovod's defaults are read from horovod/common/operations.cc (the reference notes, horovod.md
+# section 3 item 11); a "study" is the source study of issue 12 (P100 GPUs on EDR InfiniBand).
+_BACKWARD = "assumption: backward costs about twice the forward pass (activation and weight gradients), so 2/3"
+_HVD_FUSION = "Horovod 0.28 operations.cc: SetTensorFusionThresholdBytes(128 * 1024 * 1024), the default"
+_HVD_CYCLE = "Horovod 0.28 operations.cc: SetCycleTimeMs(1), the default"
+_BENCH = "measured: `python -m jobs.bench_allreduce --repeats 2` on 2026-12-03 (dev machine, default launch, 2 ranks)"
+
+# Pass a YAML/JSON profile or CLI flags to use your own numbers.
 PROFILES: dict[str, MachineProfile] = {
     "study_p100_edr": MachineProfile(
         name="study_p100_edr",
@@ -113,10 +147,29 @@ PROFILES: dict[str, MachineProfile] = {
         fusion_mb=64.0,
         cycle_ms=5.0,
         overlap=0.5,
-        notes="the source study's cluster: 4 P100 per node on PCIe gen3 (~10 GB/s effective of 15.8), one 100 Gb/s "
-        "EDR InfiniBand adapter per node (12.5 GB/s line rate, ~10 GB/s achieved), flat NCCL ring (Horovod's "
-        "default), Horovod <= 0.19 defaults of the time (64 MiB fusion buffer, 5 ms cycle), half the allreduce "
-        "hidden behind backward",
+        notes="the source study's cluster: P100 GPUs on PCIe, one 100 Gb/s EDR InfiniBand adapter per node, Horovod"
+        " of its time",
+        sources={
+            "relative_throughput": "the unit of this field (P100 = 1); NVIDIA Tesla P100 PCIe datasheet: 9.3 TFLOP/s"
+            " FP32, 18.7 TFLOP/s FP16",
+            "gpus_per_node": "assumption: 4 P100 per node, a common P100 server of the study's time; the study names"
+            " the GPU and the fabric, not this number",
+            "intra_bw_gbs": "NVIDIA Tesla P100 PCIe datasheet: PCIe Gen3 32 GB/s (16 GB/s each way); assumption: an"
+            " NCCL ring through the PCIe switch achieves ~10 GB/s of it",
+            "intra_latency_us": "assumption: a few us per ring step over PCIe (NCCL's per-step overhead)",
+            "nic_bw_gbs": "InfiniBand EDR (the study's fabric): 100 Gb/s = 12.5 GB/s per port; assumption: ~80%"
+            " achieved, 10 GB/s",
+            "nics_per_node": "assumption: one EDR adapter per node",
+            "inter_latency_us": "assumption: ~1 us on the EDR wire plus NCCL and host staging of the time, ~10 us per"
+            " ring step",
+            "hierarchical": "Horovod operations.cc: HOROVOD_HIERARCHICAL_ALLREDUCE is off unless set (flat ring)",
+            "fusion_mb": "Horovod operations.cc before 0.20: SetTensorFusionThresholdBytes(64 * 1024 * 1024);"
+            " assumption: the study ran that default",
+            "cycle_ms": "Horovod operations.cc before 0.20: SetCycleTimeMs(5); assumption: the study ran that default",
+            "overlap": "assumption: half the allreduce hidden behind backward (Horovod starts each fusion buffer from"
+            " the backward hooks); not measured on that cluster",
+            "backward_fraction": _BACKWARD,
+        },
     ),
     "modern_h100_ndr": MachineProfile(
         name="modern_h100_ndr",
@@ -132,30 +185,64 @@ PROFILES: dict[str, MachineProfile] = {
         fusion_mb=128.0,
         cycle_ms=1.0,
         overlap=0.7,
-        notes="a DGX-H100-like node: 8 H100 SXM on NVLink 4 (~360 GB/s NCCL allreduce busbw), 400 Gb/s NDR "
-        "InfiniBand PER GPU (8 adapters per node, ~45 GB/s achieved each, 360 GB/s per node), hierarchical "
-        "allreduce, Horovod 0.28 defaults (128 MiB fusion buffer, 1 ms cycle), 70% of the allreduce hidden; "
-        "compute ~10x a P100 for a 3D U-Net with bf16 autocast (a rough guess: pass a step time measured on "
-        "an H100 instead)",
+        notes="a DGX H100 node: 8 H100 SXM on NVLink 4, one 400 Gb/s NDR InfiniBand adapter per GPU",
+        sources={
+            "relative_throughput": "assumption: ~10x a P100 for a small 3D U-Net with bf16 autocast, well below the"
+            " peak ratio (NVIDIA H100 SXM datasheet: 989 TFLOP/s dense BF16, 67 TFLOP/s FP32; P100: 18.7 TFLOP/s"
+            " FP16) because small 3D convolutions are memory-bound (H100 SXM 3.35 TB/s against P100 732 GB/s: 4.6x);"
+            " pass a step time measured on an H100 instead",
+            "gpus_per_node": "NVIDIA DGX H100 user guide: 8 H100 SXM GPUs per node",
+            "intra_bw_gbs": "NVIDIA H100 SXM datasheet: NVLink 900 GB/s per GPU (both directions, 450 GB/s each way);"
+            " assumption: an NCCL allreduce reaches ~80% of one direction, 360 GB/s bus bandwidth",
+            "intra_latency_us": "assumption: a few us per ring step on NVLink/NVSwitch (NCCL's per-step overhead)",
+            "nic_bw_gbs": "InfiniBand NDR: 400 Gb/s = 50 GB/s per port; assumption: ~90% achieved, 45 GB/s",
+            "nics_per_node": "NVIDIA DGX H100 user guide: 8 single-port ConnectX-7 400 Gb/s InfiniBand adapters for"
+            " the compute fabric, one per GPU",
+            "inter_latency_us": "assumption: ~1 us NDR wire and switch latency plus NCCL's per-step overhead, 5 us",
+            "hierarchical": "assumption: HOROVOD_HIERARCHICAL_ALLREDUCE=1, set for nodes whose NVLink is 8x faster"
+            " than one adapter",
+            "fusion_mb": _HVD_FUSION,
+            "cycle_ms": _HVD_CYCLE,
+            "overlap": "assumption: 70% of the allreduce hidden behind backward (fast links finish most buffers"
+            " before backward does); not measured",
+            "backward_fraction": _BACKWARD,
+        },
     ),
     "cpu_this_machine": MachineProfile(
         name="cpu_this_machine",
-        gpu="CPU ranks on this host (2 shared cores, Gloo)",
+        gpu="CPU ranks on this host (2 cores, MPI shared memory: the jobs/_launch.py default)",
         relative_throughput=0.01,
         gpus_per_node=64,
-        intra_bw_gbs=2.0,
-        intra_latency_us=50.0,
-        nic_bw_gbs=2.0,
+        intra_bw_gbs=4.1,
+        intra_latency_us=258.0,
+        nic_bw_gbs=4.1,
         nics_per_node=1,
-        inter_latency_us=50.0,
+        inter_latency_us=258.0,
         hierarchical=False,
         fusion_mb=128.0,
-        cycle_ms=1.0,
+        cycle_ms=0.2,
         overlap=0.0,
-        notes="every rank on this one host over Gloo shared memory/loopback; latency and bandwidth are priors to be "
-        "replaced by `calibrate` from measured runs; overlap 0 because the loop times the exposed wait in "
-        "synchronize(), so the fitted numbers are effective ones; compute ~1/100 of a P100 (a guess: 2 shared "
-        "cores at ~0.1 TFLOP/s against ~10)",
+        notes="every rank on this one 2-core host, Horovod over OpenMPI's shared-memory transport; `calibrate`"
+        " takes compute from measured 1-rank runs",
+        sources={
+            "relative_throughput": "assumption: 2 CPU cores at ~0.1 TFLOP/s against a P100's 9.3 TFLOP/s FP32"
+            " (datasheet); used only to scale CPU step times to other profiles",
+            "gpus_per_node": "assumption: every rank on this one host, so every count runs the in-node ring (past"
+            " 2 ranks they share the 2 cores, which the model does not capture)",
+            "intra_bw_gbs": f"{_BENCH}: bus bandwidth 3.72 GB/s at 16 MiB (4.51 ms) and 4.00 GB/s at 64 MiB"
+            " (16.79 ms); the slope between them (48 MiB in 12.28 ms) is 4.1 GB/s, the rest is latency",
+            "intra_latency_us": f"{_BENCH}: 1 KiB allreduce 615 us = 2 ring steps + half the 0.2 ms cycle, so"
+            " (615 - 100) / 2 = 258 us per step",
+            "nic_bw_gbs": "assumption: no network (one host); the in-node figure, so no count crosses a slower link",
+            "nics_per_node": "assumption: no network (one host); unused",
+            "inter_latency_us": "assumption: no network (one host); the in-node figure",
+            "hierarchical": "assumption: one host, no node level to reduce across",
+            "fusion_mb": f"{_HVD_FUSION}; jobs/_launch.py leaves HOROVOD_FUSION_THRESHOLD unset",
+            "cycle_ms": "jobs/_launch.py: the default launch sets HOROVOD_CYCLE_TIME=0.2",
+            "overlap": "assumption: none hidden: the loop times the exposed wait in optim.synchronize(), and the"
+            " allreduce competes with backward for the same 2 cores",
+            "backward_fraction": _BACKWARD,
+        },
     ),
 }
 
@@ -205,15 +292,20 @@ def load_profile(path: str | Path) -> MachineProfile:
     if unknown:
         raise ValueError(f"machine profile file {path}: unknown keys {unknown}; known keys are {sorted(known)}")
     data.setdefault("name", path.stem)
+    given = data.pop("sources", None) or {}  # the file may cite its own numbers; otherwise the file is the source
     try:
+        if not isinstance(given, dict):
+            raise ValueError(f"sources must be a mapping of field name to source, got {type(given).__name__}")
         if base is not None:
             if base not in PROFILES:
                 raise ValueError(f"base {base!r} is not one of {sorted(PROFILES)}")
             changed = sorted(set(data) - {"name", "notes"})
             # The base's notes describe its own numbers: say which ones this file changed.
             data.setdefault("notes", f"{base} with {changed} from {path}; {base}: {PROFILES[base].notes}")
-            return replace(PROFILES[base], **data)
-        return MachineProfile(**data)
+            prof = derive(PROFILES[base], f"given in {path}", **data)
+            return replace(prof, sources={**prof.sources, **given})
+        sources = {k: f"given in {path}" for k in data if k in SOURCED_FIELDS}
+        return MachineProfile(**data, sources={**sources, **given})
     except (TypeError, ValueError) as e:
         raise ValueError(f"machine profile file {path}: {e}") from e
 
@@ -404,7 +496,8 @@ def assumption_lines(
         f"  compute speed {p.relative_throughput:g} x a P100",
     ]
     if p.notes:
-        lines.append(f"  why: {p.notes}")
+        lines.append(f"  machine: {p.notes}")
+    lines += source_lines(p)
     if compute_step_s is not None:
         if measured_on is None:
             lines.append(f"compute per step: {compute_step_s:.4g} s, taken as measured on the target GPU")
@@ -427,6 +520,16 @@ def assumption_lines(
             "weak scaling (global batch grows with the GPUs, so steps per epoch shrink)"
         )
     lines.append("not modelled: data loading, evaluation, stragglers, network contention from other jobs")
+    return lines
+
+
+def source_lines(profile: MachineProfile) -> list[str]:
+    """Each number of the profile with where it comes from (flagged when it has no source)."""
+    lines = ["  sources:"]
+    for name in SOURCED_FIELDS:
+        value = getattr(profile, name)
+        shown = str(value) if isinstance(value, bool) else f"{value:g}"
+        lines.append(f"    {name} = {shown}: {profile.sources.get(name, '').strip() or 'NO SOURCE GIVEN'}")
     return lines
 
 
@@ -518,7 +621,7 @@ def calibrate(profile: str | MachineProfile, measurements: Sequence[Measurement]
     Raises:
         ValueError: no measurements, or a run with more ranks than the profile has per node.
     """
-    prof = replace(get_profile(profile), overlap=0.0)
+    prof = derive(get_profile(profile), "assumption: calibration fits the exposed wait the loop times", overlap=0.0)
     if not measurements:
         raise ValueError("calibration needs at least one measured real run")
     for m in measurements:
@@ -549,8 +652,10 @@ def calibrate(profile: str | MachineProfile, measurements: Sequence[Measurement]
             lat_s, inv_bw = prior * ratio
             method = f"ratio to the prior (x{ratio:.3g}; one world size cannot separate latency from bandwidth)"
         bw = 1.0 / (inv_bw * GB) if inv_bw > 0 else math.inf  # the fit found no bandwidth term
-        prof = replace(
+        runs = ", ".join(m.label or f"{m.world_size} ranks" for m in multi)
+        prof = derive(
             prof,
+            f"measured: fitted to the allreduce wait of real run(s) {runs} ({method})",
             intra_latency_us=float(lat_s) * 1e6,
             intra_bw_gbs=float(bw),
             nic_bw_gbs=float(bw),

@@ -119,7 +119,7 @@ def test_compute_scaled_by_relative_throughput():
     assert rows[0]["compute_s"] == pytest.approx(2.0 * 0.01 / 10.0)
 
 
-def _measurements(lat_us: float, bw_gbs: float, worlds, grad=4e6, steps=50, compute=0.2, cycle_ms=1.0):
+def _measurements(lat_us: float, bw_gbs: float, worlds, grad=4e6, steps=50, compute=0.2, cycle_ms=0.2):
     out = []
     for p in worlds:
         comm_step = 0.0 if p == 1 else 2 * (p - 1) * lat_us * 1e-6 + 2 * (p - 1) / p * grad / (bw_gbs * 1e9)
@@ -154,6 +154,41 @@ def test_calibration_with_one_world_size_uses_a_ratio_and_fits_that_point():
         pm.calibrate("study_p100_edr", _measurements(10, 10, [8]))
 
 
+@pytest.mark.parametrize("name", sorted(pm.PROFILES))
+def test_every_number_of_every_profile_has_a_source(name):
+    prof = pm.PROFILES[name]
+    assert set(pm.SOURCED_FIELDS) >= {"relative_throughput", "gpus_per_node", "intra_bw_gbs", "inter_latency_us"}
+    assert pm.missing_sources(prof) == []
+    for field_name in pm.SOURCED_FIELDS:
+        assert len(prof.sources[field_name].strip()) > 10, field_name
+    text = "\n".join(pm.source_lines(prof))
+    assert "NO SOURCE GIVEN" not in text and f"gpus_per_node = {prof.gpus_per_node}:" in text
+
+
+def test_cpu_profile_numbers_are_the_measured_allreduce():
+    cpu = pm.PROFILES["cpu_this_machine"]
+    for field_name in ("intra_bw_gbs", "intra_latency_us"):
+        assert cpu.sources[field_name].startswith("measured: `python -m jobs.bench_allreduce --repeats 2`")
+    # bench_allreduce's 2-rank figures come back: 1 KiB in 615 us (with the cycle tail), 16 and 64 MiB within 3%.
+    tiny = pm.predict_point(cpu, 1.0, 1024, 1, 1, 2)
+    assert tiny["exposed_comm_s"] == pytest.approx(615e-6, rel=0.01)
+    for mib, busbw in ((16, 3.722), (64, 3.997)):
+        t = pm.allreduce_time(mib * pm.MB, 2, cpu)[0]
+        assert mib * pm.MB / t / 1e9 == pytest.approx(busbw, rel=0.03)  # bus bandwidth at 2 ranks = n / t
+    assert pm.PROFILES["modern_h100_ndr"].sources["gpus_per_node"].startswith("NVIDIA DGX H100 user guide")
+
+
+def test_sources_follow_changes():
+    base = pm.PROFILES["study_p100_edr"]
+    changed = pm.derive(base, "measured: a test", nic_bw_gbs=5.0, name="x")
+    assert changed.sources["nic_bw_gbs"] == "measured: a test" and changed.nic_bw_gbs == 5.0
+    assert changed.sources["gpus_per_node"] == base.sources["gpus_per_node"]
+    assert base.sources["nic_bw_gbs"] != "measured: a test"  # the named profile is untouched
+    with pytest.raises(ValueError, match=r"sources name fields.*\['gpu'\]"):
+        replace(base, sources={"gpu": "datasheet"})
+    assert pm.missing_sources(TOY) == list(pm.SOURCED_FIELDS)
+
+
 def test_profiles_by_name_and_from_files(tmp_path):
     assert pm.get_profile("study_p100_edr").gpus_per_node == 4
     with pytest.raises(KeyError, match="unknown machine profile"):
@@ -162,6 +197,11 @@ def test_profiles_by_name_and_from_files(tmp_path):
     y.write_text("base: modern_h100_ndr\nnic_bw_gbs: 22.5\nnics_per_node: 4\n")
     prof = pm.get_profile(y)
     assert (prof.name, prof.nic_bw_gbs, prof.gpus_per_node) == ("mine", 22.5, 8)
+    assert prof.sources["nic_bw_gbs"] == f"given in {y}"
+    assert prof.sources["gpus_per_node"] == pm.PROFILES["modern_h100_ndr"].sources["gpus_per_node"]
+    cited = tmp_path / "cited.yaml"
+    cited.write_text("base: modern_h100_ndr\noverlap: 0.9\nsources:\n  overlap: 'measured: a timeline'\n")
+    assert pm.get_profile(cited).sources["overlap"] == "measured: a timeline"
     j = tmp_path / "full.json"
     j.write_text(json.dumps({**pm.profile_dict(pm.PROFILES["study_p100_edr"]), "name": "j"}))
     assert pm.get_profile(j).name == "j"
@@ -193,6 +233,9 @@ def test_predict_cli_prints_assumptions_and_64_gpu_efficiency(capsys):
     assert predict_scaling.main(args) == 0
     out = capsys.readouterr().out
     assert "100 Gb/s EDR" in out and "fusion buffer 64 MiB" in out
+    assert "sources:" in out and "cycle_ms = 5: Horovod operations.cc before 0.20" in out
+    assert predict_scaling.main([*args, "--overlap", "0.2"]) == 0
+    assert "overlap = 0.2: command line: --overlap 0.2" in capsys.readouterr().out
     assert "predicted efficiency at 64 GPUs on study_p100_edr" in out
     assert predict_scaling.main([*args, "--json", "--overlap", "0", "--gpus", "1,64"]) == 0
     rows = json.loads(capsys.readouterr().out)
