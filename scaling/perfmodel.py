@@ -30,6 +30,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_GPUS",
+    "OUT_OF_SAMPLE_TARGET_PCT",
     "PROFILES",
     "SOURCED_FIELDS",
     "Calibration",
@@ -46,16 +47,19 @@ __all__ = [
     "hierarchical_allreduce_time",
     "load_profile",
     "missing_sources",
+    "parse_ranks",
     "predict_point",
     "predict_table",
     "profile_dict",
     "ring_allreduce_time",
+    "small_allreduce_time",
     "source_lines",
 ]
 
 DEFAULT_GPUS = (1, 2, 4, 8, 16, 32, 64)
 GB = 1e9  # bandwidths are in GB/s of 1e9 bytes, as NCCL's busbw is reported
 MB = 1024 * 1024  # Horovod's fusion threshold is in MiB
+OUT_OF_SAMPLE_TARGET_PCT = 15.0  # issue 12: fitted on 1 rank, the model predicts the other runs' epochs within 15%
 
 
 @dataclass(frozen=True)
@@ -369,6 +373,16 @@ def allreduce_time(
     return total, algo, len(bufs)
 
 
+def small_allreduce_time(profile: MachineProfile, p: int, count: float) -> float:
+    """Seconds for `count` latency-bound allreduces (a few bytes each, one after the other) on `p` GPUs.
+
+    Each is its own Horovod operation: the ring's latency steps plus, on average, half a cycle before it starts.
+    """
+    if p == 1 or count <= 0:
+        return 0.0
+    return count * (_one_allreduce(0.0, p, profile)[0] + profile.cycle_ms * 1e-3 / 2)
+
+
 def compute_on(profile: MachineProfile, step_s: float, measured_on: str | MachineProfile | None = None) -> float:
     """Compute seconds per step on `profile`'s GPU.
 
@@ -383,6 +397,15 @@ def compute_on(profile: MachineProfile, step_s: float, measured_on: str | Machin
     return step_s * src.relative_throughput / profile.relative_throughput
 
 
+def _check_point(compute_s: float, grad_bytes: float, samples: float, batch: float, p: int, accum: int) -> None:
+    if p < 1 or batch <= 0 or accum < 1:
+        raise ValueError(f"need gpus >= 1, batch_per_gpu > 0 and accum >= 1, got {p}, {batch}, {accum}")
+    if samples <= 0 or grad_bytes < 0 or compute_s <= 0:
+        raise ValueError(
+            f"need samples_per_epoch > 0, grad_bytes >= 0, compute_step_s > 0; got {samples}, {grad_bytes}, {compute_s}"
+        )
+
+
 def predict_point(
     profile: str | MachineProfile,
     compute_step_s: float,
@@ -392,6 +415,7 @@ def predict_point(
     p: int,
     accum: int = 1,
     n_tensors: int | None = None,
+    small_allreduces: float = 0.0,
 ) -> dict[str, Any]:
     """The model at `p` GPUs; `compute_step_s` is forward + backward of one optimizer step on the target GPU.
 
@@ -404,25 +428,23 @@ def predict_point(
         p: GPUs.
         accum: micro-batches per optimizer step (only the last one's backward can hide the allreduce).
         n_tensors: gradient tensors, needed only when tensor fusion is off.
+        small_allreduces: latency-bound collectives per step besides the gradients (hvdtrain's step flags, a
+            global-batch Dice); never hidden.
 
     Returns:
         gpus, nodes, algorithm, allreduce_calls, global_batch, steps_per_epoch (fractional: the model ignores the
-        dropped last batch), compute_s, allreduce_s, exposed_comm_s, step_s, epoch_s, samples_per_s.
+        dropped last batch), compute_s, allreduce_s, small_allreduce_s, exposed_comm_s (all communication on the
+        step's critical path), step_s, epoch_s, samples_per_s.
     """
     prof = get_profile(profile)
-    if p < 1 or batch_per_gpu < 1 or accum < 1:
-        raise ValueError(f"gpus, batch_per_gpu and accum must be >= 1, got {p}, {batch_per_gpu}, {accum}")
-    if samples_per_epoch <= 0 or grad_bytes < 0 or compute_step_s <= 0:
-        raise ValueError(
-            f"need samples_per_epoch > 0, grad_bytes >= 0, compute_step_s > 0; got {samples_per_epoch}, "
-            f"{grad_bytes}, {compute_step_s}"
-        )
+    _check_point(compute_step_s, grad_bytes, samples_per_epoch, batch_per_gpu, p, accum)
     comm, algo, calls = allreduce_time(grad_bytes, p, prof, n_tensors)
     # Backward hooks start each fusion buffer's allreduce while earlier layers still compute their gradients.
     hideable = prof.backward_fraction * compute_step_s / accum
     hidden = min(prof.overlap * comm, hideable)
     tail = prof.cycle_ms * 1e-3 / 2 if p > 1 and calls else 0.0  # the last gradients wait ~half a cycle
-    exposed = comm - hidden + tail
+    small = small_allreduce_time(prof, p, small_allreduces)
+    exposed = comm - hidden + tail + small
     step = compute_step_s + exposed
     global_batch = batch_per_gpu * accum * p
     steps = samples_per_epoch / global_batch
@@ -435,6 +457,7 @@ def predict_point(
         "steps_per_epoch": steps,
         "compute_s": compute_step_s,
         "allreduce_s": comm,
+        "small_allreduce_s": small,
         "exposed_comm_s": exposed,
         "step_s": step,
         "epoch_s": steps * step,
@@ -452,6 +475,7 @@ def predict_table(
     accum: int = 1,
     measured_on: str | MachineProfile | None = None,
     n_tensors: int | None = None,
+    small_allreduces: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Predicted time per epoch, speedup and efficiency at each GPU count (speedup against 1 GPU, always computed).
 
@@ -460,10 +484,11 @@ def predict_table(
     """
     prof = get_profile(profile)
     compute = compute_on(prof, compute_step_s, measured_on)
-    base = predict_point(prof, compute, grad_bytes, samples_per_epoch, batch_per_gpu, 1, accum, n_tensors)
+    args = (samples_per_epoch, batch_per_gpu)
+    base = predict_point(prof, compute, grad_bytes, *args, 1, accum, n_tensors, small_allreduces)
     rows = []
     for p in gpus:
-        row = predict_point(prof, compute, grad_bytes, samples_per_epoch, batch_per_gpu, int(p), accum, n_tensors)
+        row = predict_point(prof, compute, grad_bytes, *args, int(p), accum, n_tensors, small_allreduces)
         speedup = base["epoch_s"] / row["epoch_s"]
         rows.append({"profile": prof.name, **row, "speedup": speedup, "efficiency": speedup / row["gpus"]})
     return rows
@@ -554,38 +579,98 @@ class Measurement:
     world_size: int
     steps_per_epoch: float  # optimizer steps per epoch
     epoch_time_s: float  # training wall time per epoch
-    comm_s: float  # time per epoch waiting for the allreduce (the exposed part)
+    comm_s: float  # time per epoch waiting for the gradient allreduce (the exposed part)
     grad_bytes: float
     label: str = ""
+    samples_per_step: float | None = None  # samples per rank per optimizer step (batch x accum); None: unknown
+    small_allreduces: float = 0.0  # latency-bound collectives per step besides the gradients (flags, global Dice)
 
     @property
     def compute_step_s(self) -> float:
         return (self.epoch_time_s - self.comm_s) / self.steps_per_epoch
 
+    @property
+    def global_batch(self) -> float | None:
+        return self.samples_per_step * self.world_size if self.samples_per_step else None
+
+
+def _rank_words(ranks: Sequence[int] | None) -> str:
+    if ranks is None:
+        return "all runs"
+    return ", ".join(map(str, ranks)) + (" rank" if list(ranks) == [1] else " ranks")
+
 
 @dataclass(frozen=True)
 class Calibration:
-    """A profile with fitted latency and bandwidth, how they were found, and the error at each measured point."""
+    """A profile fitted to the runs at `fit_ranks`, and its epoch-time error on every run, fitted or held out.
+
+    Each point has label, world_size, in_sample, scaling ("fit", "weak" or "strong": a held-out run with the fitted
+    runs' per-rank batch, or with their global batch), measured/predicted epoch and comm per step, error_pct.
+    """
 
     profile: MachineProfile
     method: str
-    compute_step_s: float  # mean over the runs at the smallest measured world size (1 if present)
+    compute_step_s: float  # compute per step of the fitted runs at their smallest world size (mean)
     points: list[dict[str, Any]] = field(default_factory=list)
+    fit_ranks: tuple[int, ...] | None = None  # world sizes fitted on; None: every run
+    compute_per_sample_s: float | None = None  # the same per sample, when the runs' batches are known
 
-    def lines(self) -> list[str]:
-        """Human-readable summary: the fitted numbers and the prediction error per measured point."""
-        p = self.profile
-        out = [
-            f"calibration of {p.name} ({self.method}): latency {p.intra_latency_us:.4g} us per ring step, "
-            f"bandwidth {p.intra_bw_gbs:.4g} GB/s; compute {self.compute_step_s:.4g} s per step",
-        ]
+    def summaries(self) -> list[dict[str, Any]]:
+        """The in-sample error, then one out-of-sample error per kind of held-out run (weak, strong scaling).
+
+        Each: in_sample, scaling, ranks, runs, error_pct (the point with the largest |error|), within_target.
+        """
+        groups: dict[tuple[bool, str], list[dict[str, Any]]] = {}
         for pt in self.points:
+            groups.setdefault((pt["in_sample"], pt["scaling"]), []).append(pt)
+        out = []
+        for (inside, scaling), pts in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+            worst = max(pts, key=lambda pt: abs(pt["error_pct"]))
+            err = worst["error_pct"]
+            ranks = sorted({pt["world_size"] for pt in pts})
+            within = abs(err) <= OUT_OF_SAMPLE_TARGET_PCT
             out.append(
-                f"  {pt['label'] or 'run'} ({pt['world_size']} rank(s)): epoch measured {pt['measured_epoch_s']:.4g} s,"
-                f" predicted {pt['predicted_epoch_s']:.4g} s, error {pt['error_pct']:+.1f}%; comm/step measured "
-                f"{pt['measured_comm_step_s']:.3g} s, predicted {pt['predicted_comm_step_s']:.3g} s"
+                dict(in_sample=inside, scaling=scaling, ranks=ranks, runs=len(pts), error_pct=err, within_target=within)
             )
         return out
+
+    def summary_lines(self) -> list[str]:
+        """'in-sample error (...)' and 'out-of-sample error (fit on 1 rank, predicting 2 ranks): X% (...)' lines."""
+        fit = _rank_words(self.fit_ranks)
+        lines = []
+        for s in self.summaries():
+            worst = f"{s['error_pct']:+.1f}%" + (f" (largest of {s['runs']} runs)" if s["runs"] > 1 else "")
+            if s["in_sample"]:
+                lines.append(f"in-sample error (fit on {fit}): {worst}")
+                continue
+            what = _rank_words(s["ranks"]) + (", strong scaling" if s["scaling"] == "strong" else "")
+            verdict = "within" if s["within_target"] else "NOT within"
+            lines.append(
+                f"out-of-sample error (fit on {fit}, predicting {what}): {worst}, {verdict} the "
+                f"{OUT_OF_SAMPLE_TARGET_PCT:g}% target"
+            )
+        if not any(not pt["in_sample"] for pt in self.points):
+            lines.append(f"out-of-sample error: no real run outside the fitted ones ({fit}) to predict")
+        return lines
+
+    def lines(self) -> list[str]:
+        """Human-readable summary: the fitted numbers, the error per measured point, then the error summaries."""
+        p = self.profile
+        per_sample = f" ({self.compute_per_sample_s:.4g} s per sample)" if self.compute_per_sample_s else ""
+        out = [
+            f"calibration of {p.name} on {_rank_words(self.fit_ranks)} ({self.method}): latency "
+            f"{p.intra_latency_us:.4g} us per ring step, bandwidth {p.intra_bw_gbs:.4g} GB/s; compute "
+            f"{self.compute_step_s:.4g} s per step{per_sample}",
+        ]
+        for pt in self.points:
+            how = "fitted" if pt["in_sample"] else f"held out, {pt['scaling']} scaling"
+            out.append(
+                f"  {pt['label'] or 'run'} ({pt['world_size']} rank(s), {how}): epoch measured "
+                f"{pt['measured_epoch_s']:.4g} s, predicted {pt['predicted_epoch_s']:.4g} s, error "
+                f"{pt['error_pct']:+.1f}%; comm/step measured {pt['measured_comm_step_s']:.3g} s, predicted "
+                f"{pt['predicted_comm_step_s']:.3g} s"
+            )
+        return out + self.summary_lines()
 
 
 def _fit_nonneg(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, str] | None:
@@ -608,18 +693,98 @@ def _fit_nonneg(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, str] | None:
     return best[1], "least squares (one term clipped to 0)"
 
 
-def calibrate(profile: str | MachineProfile, measurements: Sequence[Measurement]) -> Calibration:
-    """Fit the profile's single-node latency and bandwidth to measured real runs.
+def _fit_comm(prof: MachineProfile, multi: Sequence[Measurement]) -> tuple[MachineProfile, str]:
+    """The profile with in-node latency and bandwidth fitted to the gradient wait of the multi-rank runs."""
+    if not multi:
+        return prof, "no multi-rank run fitted: the profile's latency and bandwidth kept"
+    rows, y = [], []
+    for m in multi:
+        p = m.world_size
+        calls = len(_buffers(m.grad_bytes, prof.fusion_mb, None)) or 1
+        rows.append([calls * 2.0 * (p - 1), 2.0 * (p - 1) / p * m.grad_bytes])
+        y.append(m.comm_s / m.steps_per_epoch - prof.cycle_ms * 1e-3 / 2)
+    a, yv = np.asarray(rows), np.asarray(y)
+    fit = _fit_nonneg(a, yv)
+    if fit is not None:
+        (lat_s, inv_bw), method = fit
+    else:
+        prior = np.array([prof.intra_latency_us * 1e-6, 1.0 / (prof.intra_bw_gbs * GB)])
+        # Clip at a tiny positive ratio: a zero would mean infinite bandwidth.
+        ratio = max(float(yv.sum()) / float((a @ prior).sum()), 1e-9)
+        lat_s, inv_bw = prior * ratio
+        method = f"ratio to the prior (x{ratio:.3g}; one world size cannot separate latency from bandwidth)"
+    bw = 1.0 / (inv_bw * GB) if inv_bw > 0 else math.inf  # the fit found no bandwidth term
+    runs = ", ".join(m.label or f"{m.world_size} ranks" for m in multi)
+    source = f"measured: fitted to the allreduce wait of real run(s) {runs} ({method})"
+    lat_us = float(lat_s) * 1e6
+    prof = derive(prof, source, intra_latency_us=lat_us, intra_bw_gbs=bw, nic_bw_gbs=bw, inter_latency_us=lat_us)
+    return prof, method
 
-    The unknowns are the latency `a` and the inverse bandwidth `1/B` of the ring in one node: each measured run at
+
+def _compute_reference(prof: MachineProfile, fit: Sequence[Measurement]) -> tuple[float, float | None]:
+    """Compute per step and per sample of the fitted runs at their smallest world size (per sample: None if unknown).
+
+    A multi-rank run's epoch less its gradient wait still holds its small collectives: their modelled time is taken
+    off, so that the compute is what one GPU would spend.
+    """
+    smallest = min(m.world_size for m in fit)
+    ref = [m for m in fit if m.world_size == smallest]
+    steps = [m.compute_step_s - small_allreduce_time(prof, m.world_size, m.small_allreduces) for m in ref]
+    compute = sum(steps) / len(steps)
+    if not all(m.samples_per_step for m in ref):
+        return compute, None
+    return compute, sum(s / m.samples_per_step for s, m in zip(steps, ref)) / len(ref)
+
+
+def _scaling_kind(m: Measurement, fit: Sequence[Measurement], in_sample: bool) -> str:
+    """'fit', or for a held-out run 'strong' (the fitted runs' global batch on more ranks) or 'weak'."""
+    if in_sample:
+        return "fit"
+    smallest = min(f.world_size for f in fit)
+    ref = next(f for f in fit if f.world_size == smallest)
+    same_global = m.global_batch is not None and ref.global_batch is not None and m.global_batch == ref.global_batch
+    return "strong" if same_global and m.world_size != ref.world_size else "weak"
+
+
+def _point(prof: MachineProfile, m: Measurement, compute: float, in_sample: bool, scaling: str) -> dict[str, Any]:
+    # Only the per-step numbers are used: the epoch has the measured run's own number of steps.
+    pred = predict_point(prof, compute, m.grad_bytes, m.steps_per_epoch, 1, m.world_size, 1, None, m.small_allreduces)
+    pred_epoch = pred["step_s"] * m.steps_per_epoch
+    return {
+        "label": m.label,
+        "world_size": m.world_size,
+        "in_sample": in_sample,
+        "scaling": scaling,
+        "measured_epoch_s": m.epoch_time_s,
+        "predicted_epoch_s": pred_epoch,
+        "error_pct": 100.0 * (pred_epoch - m.epoch_time_s) / m.epoch_time_s,
+        "measured_comm_step_s": m.comm_s / m.steps_per_epoch,
+        "predicted_comm_step_s": pred["allreduce_s"] + (prof.cycle_ms * 1e-3 / 2 if m.world_size > 1 else 0.0),
+    }
+
+
+def calibrate(
+    profile: str | MachineProfile, measurements: Sequence[Measurement], fit_ranks: Iterable[int] | None = None
+) -> Calibration:
+    """Fit the profile's single-node latency and bandwidth, and the compute, to the runs at `fit_ranks`.
+
+    The unknowns are the latency `a` and the inverse bandwidth `1/B` of the ring in one node: each fitted run at
     p > 1 ranks gives `comm per step - cycle tail = calls * 2(p-1) * a + 2(p-1)/p * bytes / B`. With two or more
     independent points (e.g. 2 and 4 ranks) they are fitted by non-negative least squares; with only one shape
-    (e.g. only 2 ranks) the prior latency and bandwidth are scaled together by one ratio. Overlap is set to 0: the
-    measured comm is already the exposed part. The error is reported per measured point on the epoch time, with
-    compute per step the mean over the runs at the smallest world size (as a prediction from a 1-GPU run would).
+    (e.g. only 2 ranks) the prior latency and bandwidth are scaled together by one ratio; with no multi-rank run
+    fitted (`fit_ranks=(1,)`) the profile's own (measured) numbers stay. Overlap is set to 0: the measured comm is
+    already the exposed part. Compute per step (per sample when the batches are known, so that a strong-scaling
+    run's smaller per-rank batch is predicted too) is the mean over the fitted runs at their smallest world size.
+    Every run, fitted or not, then gets the predicted epoch time and its error; `summaries` keeps the in-sample and
+    the out-of-sample errors apart.
+
+    Args:
+        profile: the profile to fit (its latency and bandwidth are the prior).
+        measurements: real runs.
+        fit_ranks: world sizes to fit on (e.g. (1,)); None fits on every run.
 
     Raises:
-        ValueError: no measurements, or a run with more ranks than the profile has per node.
+        ValueError: no measurements, none at `fit_ranks`, or a run with more ranks than the profile has per node.
     """
     prof = derive(get_profile(profile), "assumption: calibration fits the exposed wait the loop times", overlap=0.0)
     if not measurements:
@@ -632,55 +797,36 @@ def calibrate(profile: str | MachineProfile, measurements: Sequence[Measurement]
             )
         if m.steps_per_epoch <= 0:
             raise ValueError(f"run {m.label or '?'}: steps per epoch must be > 0, got {m.steps_per_epoch}")
-    multi = [m for m in measurements if m.world_size > 1]
-    method = "no multi-rank run: prior latency and bandwidth kept"
-    if multi:
-        rows, y = [], []
-        for m in multi:
-            p = m.world_size
-            calls = len(_buffers(m.grad_bytes, prof.fusion_mb, None)) or 1
-            rows.append([calls * 2.0 * (p - 1), 2.0 * (p - 1) / p * m.grad_bytes])
-            y.append(m.comm_s / m.steps_per_epoch - prof.cycle_ms * 1e-3 / 2)
-        a, yv = np.asarray(rows), np.asarray(y)
-        fit = _fit_nonneg(a, yv)
-        if fit is not None:
-            (lat_s, inv_bw), method = fit
-        else:
-            prior = np.array([prof.intra_latency_us * 1e-6, 1.0 / (prof.intra_bw_gbs * GB)])
-            # Clip at a tiny positive ratio: a zero would mean infinite bandwidth.
-            ratio = max(float(yv.sum()) / float((a @ prior).sum()), 1e-9)
-            lat_s, inv_bw = prior * ratio
-            method = f"ratio to the prior (x{ratio:.3g}; one world size cannot separate latency from bandwidth)"
-        bw = 1.0 / (inv_bw * GB) if inv_bw > 0 else math.inf  # the fit found no bandwidth term
-        runs = ", ".join(m.label or f"{m.world_size} ranks" for m in multi)
-        prof = derive(
-            prof,
-            f"measured: fitted to the allreduce wait of real run(s) {runs} ({method})",
-            intra_latency_us=float(lat_s) * 1e6,
-            intra_bw_gbs=float(bw),
-            nic_bw_gbs=float(bw),
-            inter_latency_us=float(lat_s) * 1e6,
-        )
-    smallest = min(m.world_size for m in measurements)
-    ref = [m.compute_step_s for m in measurements if m.world_size == smallest]
-    compute = sum(ref) / len(ref)
+    ranks = tuple(sorted(set(fit_ranks))) if fit_ranks is not None else None
+    inside = [ranks is None or m.world_size in ranks for m in measurements]
+    fit = [m for m, i in zip(measurements, inside) if i]
+    if not fit:
+        found = sorted({m.world_size for m in measurements})
+        raise ValueError(f"no real run at the fit ranks {list(ranks or [])} (runs at {found} ranks)")
+    prof, method = _fit_comm(prof, [m for m in fit if m.world_size > 1])
+    compute, per_sample = _compute_reference(prof, fit)
     points = []
-    for m in measurements:
-        # Only the per-step numbers are used: the epoch has the measured run's own number of steps.
-        pred = predict_point(prof, compute, m.grad_bytes, m.steps_per_epoch, 1, m.world_size)
-        pred_epoch = pred["step_s"] * m.steps_per_epoch
-        points.append(
-            {
-                "label": m.label,
-                "world_size": m.world_size,
-                "measured_epoch_s": m.epoch_time_s,
-                "predicted_epoch_s": pred_epoch,
-                "error_pct": 100.0 * (pred_epoch - m.epoch_time_s) / m.epoch_time_s,
-                "measured_comm_step_s": m.comm_s / m.steps_per_epoch,
-                "predicted_comm_step_s": pred["exposed_comm_s"],
-            }
-        )
-    return Calibration(prof, method, compute, points)
+    for m, i in zip(measurements, inside):
+        c = per_sample * m.samples_per_step if per_sample is not None and m.samples_per_step else compute
+        points.append(_point(prof, m, c, i, _scaling_kind(m, fit, i)))
+    return Calibration(prof, method, compute, points, ranks, per_sample)
+
+
+def parse_ranks(text: str) -> tuple[int, ...] | None:
+    """'1' or '1,2' as a tuple of world sizes; 'all' as None (fit on every run).
+
+    Raises:
+        ValueError: not 'all' or a comma-separated list of positive integers.
+    """
+    if text.strip().lower() == "all":
+        return None
+    try:
+        ranks = tuple(int(r) for r in text.split(",") if r.strip())
+    except ValueError as e:
+        raise ValueError(f"fit ranks must be 'all' or world sizes like '1' or '1,2', got {text!r}") from e
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"fit ranks must be 'all' or world sizes >= 1 like '1' or '1,2', got {text!r}")
+    return ranks
 
 
 def profile_dict(profile: MachineProfile) -> dict[str, Any]:

@@ -128,6 +128,16 @@ def _measurements(lat_us: float, bw_gbs: float, worlds, grad=4e6, steps=50, comp
     return out
 
 
+def _run(p: int, batch: int, lat_us: float, bw_gbs: float, small: int = 0, per_sample=0.01, grad=4e6, samples=400):
+    """A real run on a known machine (cycle 0.2 ms as the CPU profile): compute = per_sample x per-rank batch."""
+    tail = 0.1e-3 if p > 1 else 0.0  # half the 0.2 ms cycle
+    comm = (2 * (p - 1) * lat_us * 1e-6 + 2 * (p - 1) / p * grad / (bw_gbs * 1e9) + tail) if p > 1 else 0.0
+    small_s = small * (2 * (p - 1) * lat_us * 1e-6 + tail) if p > 1 else 0.0  # inside the compute the loop measures
+    steps = samples / (batch * p)
+    epoch = steps * (per_sample * batch + small_s + comm)
+    return pm.Measurement(p, steps, epoch, steps * comm, grad, f"np{p}-b{batch}", batch, small)
+
+
 def test_calibration_recovers_latency_and_bandwidth():
     cal = pm.calibrate("cpu_this_machine", _measurements(80.0, 1.5, [1, 2, 3, 4]))
     assert cal.method == "least squares"
@@ -147,7 +157,7 @@ def test_calibration_with_one_world_size_uses_a_ratio_and_fits_that_point():
     assert cal.method.startswith("ratio")
     two = next(pt for pt in cal.points if pt["world_size"] == 2)
     assert two["error_pct"] == pytest.approx(0.0, abs=1e-9)
-    assert pm.calibrate("cpu_this_machine", _measurements(1, 1, [1])).method.startswith("no multi-rank")
+    assert pm.calibrate("cpu_this_machine", _measurements(1, 1, [1])).method.startswith("no multi-rank run fitted")
     with pytest.raises(ValueError, match="at least one"):
         pm.calibrate("cpu_this_machine", [])
     with pytest.raises(ValueError, match="per node"):
@@ -187,6 +197,72 @@ def test_sources_follow_changes():
     with pytest.raises(ValueError, match=r"sources name fields.*\['gpu'\]"):
         replace(base, sources={"gpu": "datasheet"})
     assert pm.missing_sources(TOY) == list(pm.SOURCED_FIELDS)
+
+
+def test_fit_on_one_rank_predicts_two_ranks_out_of_sample_hand_computed():
+    # True machine: 300 us per ring step, 2 GB/s, 10 ms of compute per sample, 3 small collectives per step.
+    runs = [_run(1, 2, 300.0, 2.0, 3), _run(2, 2, 300.0, 2.0, 3), _run(2, 1, 300.0, 2.0, 3)]
+    cal = pm.calibrate("cpu_this_machine", runs, fit_ranks=(1,))
+    # Nothing multi-rank is fitted: the profile keeps bench_allreduce's 258 us and 4.1 GB/s.
+    assert cal.method.startswith("no multi-rank run fitted") and cal.fit_ranks == (1,)
+    assert cal.profile.intra_latency_us == 258.0 and cal.profile.intra_bw_gbs == 4.1
+    assert cal.compute_step_s == pytest.approx(0.02) and cal.compute_per_sample_s == pytest.approx(0.01)
+    one, weak, strong = cal.points
+    assert (one["in_sample"], weak["in_sample"], strong["in_sample"]) == (True, False, False)
+    assert (one["scaling"], weak["scaling"], strong["scaling"]) == ("fit", "weak", "strong")
+    assert one["error_pct"] == pytest.approx(0.0, abs=1e-9)
+    # Per step at 2 ranks. Measured: compute + 3 x (2 x 300 us + 0.1 ms) + 2 x 300 us + 4e6 B / 2 GB/s + 0.1 ms.
+    # Predicted: compute + 3 x (2 x 258 us + 0.1 ms) + 2 x 258 us + 4e6 B / 4.1 GB/s + 0.1 ms.
+    for pt, compute in ((weak, 0.02), (strong, 0.01)):
+        measured = compute + 3 * 0.7e-3 + 0.6e-3 + 2e-3 + 0.1e-3
+        predicted = compute + 3 * 0.616e-3 + 0.516e-3 + 4e6 / 4.1e9 + 0.1e-3
+        assert pt["error_pct"] == pytest.approx(100 * (predicted - measured) / measured, rel=1e-9)
+    assert weak["error_pct"] == pytest.approx(-5.486, abs=1e-3) and strong["error_pct"] == pytest.approx(
+        -9.192, abs=1e-3
+    )
+    summaries = cal.summaries()
+    assert [(s["in_sample"], s["scaling"], s["ranks"]) for s in summaries] == [
+        (True, "fit", [1]),
+        (False, "strong", [2]),
+        (False, "weak", [2]),
+    ]
+    lines = cal.summary_lines()
+    assert "in-sample error (fit on 1 rank): +0.0%" in lines
+    assert "out-of-sample error (fit on 1 rank, predicting 2 ranks): -5.5%, within the 15% target" in lines
+    assert (
+        "out-of-sample error (fit on 1 rank, predicting 2 ranks, strong scaling): -9.2%, within the 15% target" in lines
+    )
+    assert any("np2-b1 (2 rank(s), held out, strong scaling)" in line for line in cal.lines())
+
+
+def test_out_of_sample_error_outside_the_target_and_fit_choices():
+    slow = [_run(1, 2, 3000.0, 0.5), _run(2, 2, 3000.0, 0.5), _run(2, 2, 3000.0, 0.5)]
+    cal = pm.calibrate("cpu_this_machine", slow, fit_ranks=[1])
+    out = [s for s in cal.summaries() if not s["in_sample"]]
+    assert len(out) == 1 and out[0]["runs"] == 2 and not out[0]["within_target"]
+    assert any(
+        line.endswith("NOT within the 15% target") and "(largest of 2 runs)" in line for line in cal.summary_lines()
+    )
+    # Fitted on every run, the 2-rank runs are in sample: the ratio fit then matches them exactly.
+    every = pm.calibrate("cpu_this_machine", slow)
+    assert every.fit_ranks is None and all(pt["in_sample"] for pt in every.points)
+    assert "out-of-sample error: no real run outside the fitted ones (all runs) to predict" in every.summary_lines()
+    assert all(abs(pt["error_pct"]) < 1e-6 for pt in every.points)
+    with pytest.raises(ValueError, match=r"no real run at the fit ranks \[4\] \(runs at \[1, 2\] ranks\)"):
+        pm.calibrate("cpu_this_machine", slow, fit_ranks=(4,))
+    assert pm.parse_ranks("1") == (1,) and pm.parse_ranks("1, 2") == (1, 2) and pm.parse_ranks("all") is None
+    for bad in ("", "0", "one"):
+        with pytest.raises(ValueError, match="fit ranks"):
+            pm.parse_ranks(bad)
+
+
+def test_small_collectives_cost_latency_and_half_a_cycle_each():
+    cpu = pm.PROFILES["cpu_this_machine"]
+    assert pm.small_allreduce_time(cpu, 1, 5) == 0.0
+    assert pm.small_allreduce_time(cpu, 2, 3) == pytest.approx(3 * (2 * 258e-6 + 0.1e-3))
+    with_small = pm.predict_point(cpu, 0.01, 4e6, 100, 2, 2, small_allreduces=3)
+    without = pm.predict_point(cpu, 0.01, 4e6, 100, 2, 2)
+    assert with_small["step_s"] - without["step_s"] == pytest.approx(with_small["small_allreduce_s"])
 
 
 def test_profiles_by_name_and_from_files(tmp_path):
