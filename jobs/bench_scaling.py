@@ -168,6 +168,16 @@ def model_check_lines(report_md: str) -> list[str]:
     return [ln.strip("*") for ln in report_md.splitlines() if ln.startswith("**out-of-sample error")]
 
 
+def run_report(rows: list[dict], out: Path, predict: str) -> tuple[Path, list[str]]:
+    """`jobs.scaling_report` over the runs into OUT/report; returns that folder and its out-of-sample lines."""
+    report_dir = out / "report"
+    cmd = [sys.executable, "-m", "jobs.scaling_report", *(r["run_dir"] for r in rows), "--out", str(report_dir)]
+    if predict:
+        cmd += ["--predict", predict]
+    _call(cmd, out / "logs" / "scaling_report.log")
+    return report_dir, model_check_lines((report_dir / "scaling.md").read_text())
+
+
 def format_table(rows: list[dict]) -> str:
     head = (
         f"{'GPUs':>4} | {'mode':<9} | {'ranks x sim':>11} | {'global batch':>12} | {'updates':>7} | "
@@ -242,12 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         pool.shutdown(cancel_futures=True)  # after a failed run, do not start the queued ones
     base = add_relative(rows)
-    report_dir = a.out / "report"
-    cmd = [sys.executable, "-m", "jobs.scaling_report", *(r["run_dir"] for r in rows), "--out", str(report_dir)]
-    if a.predict:
-        cmd += ["--predict", a.predict]
-    _call(cmd, a.out / "logs" / "scaling_report.log")
-    check = model_check_lines((report_dir / "scaling.md").read_text())
+    report_dir, check = run_report(rows, a.out, a.predict)
     met, how = verdict(rows)
     total = time.perf_counter() - t_start
     table = format_table(rows)

@@ -49,11 +49,14 @@ __all__ = [
     "missing_sources",
     "parse_ranks",
     "predict_point",
+    "predict_strong_table",
     "predict_table",
     "profile_dict",
     "ring_allreduce_time",
     "small_allreduce_time",
     "source_lines",
+    "strong_assumption_lines",
+    "strong_split",
 ]
 
 DEFAULT_GPUS = (1, 2, 4, 8, 16, 32, 64)
@@ -490,7 +493,65 @@ def predict_table(
     for p in gpus:
         row = predict_point(prof, compute, grad_bytes, *args, int(p), accum, n_tensors, small_allreduces)
         speedup = base["epoch_s"] / row["epoch_s"]
-        rows.append({"profile": prof.name, **row, "speedup": speedup, "efficiency": speedup / row["gpus"]})
+        rows.append(
+            {"profile": prof.name, "scaling": "weak", **row, "speedup": speedup, "efficiency": speedup / row["gpus"]}
+        )
+    return rows
+
+
+def strong_split(global_batch: int, p: int, max_batch_per_gpu: int | None = None) -> tuple[int, int, int]:
+    """(samples per GPU per step, largest micro-batch, accumulation steps) for a fixed global batch on `p` GPUs.
+
+    Each GPU takes G / p samples per optimizer step, in micro-batches of at most `max_batch_per_gpu` (memory): the
+    rest is gradient accumulation, the last micro-batch holding what is left.
+
+    Raises:
+        ValueError: G / p is not a whole number of samples, or a batch or count below 1.
+    """
+    if global_batch < 1 or p < 1 or (max_batch_per_gpu is not None and max_batch_per_gpu < 1):
+        raise ValueError(
+            f"need global batch, GPUs and max batch per GPU >= 1, got {global_batch}, {p}, {max_batch_per_gpu}"
+        )
+    if global_batch % p:
+        raise ValueError(f"global batch {global_batch} does not split evenly over {p} GPUs")
+    per_gpu = global_batch // p
+    cap = min(per_gpu, max_batch_per_gpu or per_gpu)
+    return per_gpu, cap, math.ceil(per_gpu / cap)
+
+
+def predict_strong_table(
+    profile: str | MachineProfile,
+    compute_per_sample_s: float,
+    grad_bytes: float,
+    samples_per_epoch: float,
+    global_batch: int,
+    gpus: Sequence[int] = DEFAULT_GPUS,
+    max_batch_per_gpu: int | None = None,
+    measured_on: str | MachineProfile | None = None,
+    small_allreduces: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Strong scaling: time per epoch, speedup and efficiency with the global batch fixed at `global_batch`.
+
+    Each GPU computes G / N samples per step (`strong_split`), so compute per step shrinks as 1/N while the
+    allreduce of the same gradients does not, and steps per epoch stay samples / G. Compute is linear in samples
+    (`compute_per_sample_s`, on `measured_on`'s GPU or the target's): optimistic for small per-GPU batches, which
+    keep a GPU less busy. Rows are `predict_point`'s with batch_per_gpu (G / N), micro_batch, accum, speedup
+    (against the same global batch on 1 GPU) and efficiency.
+    """
+    prof = get_profile(profile)
+    per_sample = compute_on(prof, compute_per_sample_s, measured_on)
+    rows = []
+    for p in [1, *gpus]:
+        per_gpu, micro, accum = strong_split(global_batch, int(p), max_batch_per_gpu)
+        # The mean micro-batch (per_gpu / accum) keeps the global batch exact when the last one is smaller.
+        args = (per_sample * per_gpu, grad_bytes, samples_per_epoch, per_gpu / accum, int(p), accum)
+        row = predict_point(prof, *args, None, small_allreduces)
+        row.update(global_batch=global_batch, batch_per_gpu=per_gpu, micro_batch=micro, accum=accum)
+        rows.append(row)
+    base, rows = rows[0], rows[1:]
+    for row in rows:
+        speedup = base["epoch_s"] / row["epoch_s"]
+        row.update(profile=prof.name, scaling="strong", speedup=speedup, efficiency=speedup / row["gpus"])
     return rows
 
 
@@ -548,6 +609,22 @@ def assumption_lines(
     return lines
 
 
+def strong_assumption_lines(global_batch: int, max_batch_per_gpu: int | None, compute_per_sample_s: float) -> list[str]:
+    """What the strong-scaling table assumes, for printing above it."""
+    cap = (
+        f"micro-batches of at most {max_batch_per_gpu}, the rest by gradient accumulation"
+        if max_batch_per_gpu
+        else ("one micro-batch (no --max-batch-per-gpu)")
+    )
+    return [
+        f"strong scaling: global batch {global_batch} at every GPU count; per GPU {global_batch} / N samples per step"
+        f" in {cap}",
+        f"  compute {compute_per_sample_s:.4g} s per sample on the measuring GPU, linear in samples (a small per-GPU"
+        " batch keeps a GPU less busy: optimistic at large N); the allreduce per step does not shrink with N",
+        "  steps per epoch = samples / global batch at every N; speedup against the same global batch on 1 GPU",
+    ]
+
+
 def source_lines(profile: MachineProfile) -> list[str]:
     """Each number of the profile with where it comes from (flagged when it has no source)."""
     lines = ["  sources:"]
@@ -559,16 +636,20 @@ def source_lines(profile: MachineProfile) -> list[str]:
 
 
 def format_prediction(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of `predict_table` rows."""
+    """A Markdown table of `predict_table` or `predict_strong_table` rows (the latter with the per-GPU split)."""
+    strong = bool(rows) and "micro_batch" in rows[0]
+    extra = "per-GPU batch | micro x accum | compute s | " if strong else ""
     head = (
-        "| GPUs | nodes | allreduce | global batch | step s | exposed comm s | epoch s | speedup | efficiency |\n"
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+        f"| GPUs | nodes | allreduce | global batch | {extra}step s | exposed comm s | epoch s | speedup | efficiency |"
+        "\n|---:|---:|---|---:|" + ("---:|---:|---:|" if strong else "") + "---:|---:|---:|---:|---:|"
     )
-    body = [
-        f"| {r['gpus']} | {r['nodes']} | {r['algorithm']} | {r['global_batch']} | {r['step_s']:.4g} | "
-        f"{r['exposed_comm_s']:.3g} | {r['epoch_s']:.4g} | {r['speedup']:.2f} | {r['efficiency']:.1%} |"
-        for r in rows
-    ]
+    body = []
+    for r in rows:
+        split = f"{r['batch_per_gpu']} | {r['micro_batch']} x {r['accum']} | {r['compute_s']:.4g} | " if strong else ""
+        body.append(
+            f"| {r['gpus']} | {r['nodes']} | {r['algorithm']} | {r['global_batch']} | {split}{r['step_s']:.4g} | "
+            f"{r['exposed_comm_s']:.3g} | {r['epoch_s']:.4g} | {r['speedup']:.2f} | {r['efficiency']:.1%} |"
+        )
     return "\n".join([head, *body])
 
 

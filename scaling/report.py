@@ -43,6 +43,7 @@ __all__ = [
     "Report",
     "build_rows",
     "format_markdown",
+    "inputs_from_runs",
     "make_report",
     "model_check",
     "model_inputs",
@@ -206,6 +207,30 @@ def model_check(
     except ValueError as e:
         return None, [f"model check: {e}"]
     return cal, cal.lines()
+
+
+def inputs_from_runs(
+    run_dirs: Sequence[str | Path],
+    fit_ranks: Sequence[int] | None = None,
+    step_time: float | None = None,
+    grad_bytes: float | None = None,
+    samples: float | None = None,
+    batch: int | None = None,
+) -> tuple[ModelInputs, perfmodel.Calibration | None, list[str]]:
+    """Prediction inputs and the calibrated CPU profile from run folders (what `make_report` uses, for one job).
+
+    Returns the inputs (each overridable), the calibration on the real runs at `fit_ranks` (None: all) and its lines.
+
+    Raises:
+        RunFolderError, ValueError: as `load_run` and `model_inputs`.
+    """
+    paths = expand_run_dirs(list(run_dirs))
+    if not paths:
+        raise ValueError("no run folders given")
+    runs = [load_run(p) for p in paths]
+    inputs = model_inputs(runs, step_time, grad_bytes, samples, batch)
+    cal, lines = model_check(runs, inputs.grad_bytes, fit_ranks)
+    return inputs, cal, lines
 
 
 def _predict(
@@ -554,10 +579,7 @@ def make_report(
     markdown = _markdown(runs, table, target_text, how, headline, check, assumptions)
     files = _write(out, rows, runs, markdown)
     if echo is not None:
-        echo(table)
-        echo("\n".join(["", "model check:", *check]))
-        if assumptions:
-            echo("\n".join(["", "assumptions:", *assumptions]))
-        echo("\n".join(["", *headline]))
+        assumed = ["", "assumptions:", *assumptions] if assumptions else []
+        echo("\n".join([table, "", "model check:", *check, *assumed, "", *headline]))
         echo(f"target Dice {target_text}; wrote {', '.join(str(f) for f in files)}")
     return Report(rows, target, base_dice, base_time, assumptions, files, markdown, check, cal)

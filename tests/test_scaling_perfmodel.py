@@ -265,6 +265,65 @@ def test_small_collectives_cost_latency_and_half_a_cycle_each():
     assert with_small["step_s"] - without["step_s"] == pytest.approx(with_small["small_allreduce_s"])
 
 
+def test_strong_split_per_gpu_batch_and_accumulation():
+    assert pm.strong_split(64, 8) == (8, 8, 1)
+    assert pm.strong_split(64, 1, 16) == (64, 16, 4)
+    assert pm.strong_split(64, 4, 5) == (16, 5, 4)  # 5 + 5 + 5 + 1
+    assert pm.strong_split(14, 2, 4) == (7, 4, 2)  # 4 + 3
+    assert pm.strong_split(64, 64, 4) == (1, 1, 1)
+    with pytest.raises(ValueError, match="global batch 10 does not split evenly over 4 GPUs"):
+        pm.strong_split(10, 4)
+    with pytest.raises(ValueError, match=">= 1"):
+        pm.strong_split(8, 2, 0)
+
+
+def test_strong_scaling_compute_shrinks_as_1_over_n_and_comm_does_not():
+    # TOY: no cycle, no overlap. Global batch 64, 10 ms per sample, 1e8 B of gradients, 1024 samples = 16 steps.
+    rows = pm.predict_strong_table(TOY, 0.01, 1e8, 1024, 64, gpus=[1, 2, 4, 8])
+    assert [r["scaling"] for r in rows] == ["strong"] * 4
+    assert [(r["batch_per_gpu"], r["micro_batch"], r["accum"]) for r in rows] == [
+        (64, 64, 1),
+        (32, 32, 1),
+        (16, 16, 1),
+        (8, 8, 1),
+    ]
+    assert [r["global_batch"] for r in rows] == [64] * 4
+    assert [r["steps_per_epoch"] for r in rows] == pytest.approx([16] * 4)
+    assert [r["compute_s"] for r in rows] == pytest.approx([0.64, 0.32, 0.16, 0.08])
+    # The allreduce of the same 1e8 B grows with N: 2(p-1)/p x 1e8 / 1e10 + 2(p-1) x latency (8 GPUs: 2 nodes, flat).
+    comm = [0.0, 0.01 + 2 * 5e-6, 0.015 + 6 * 5e-6, 0.0175 + 14 * 10e-6]
+    assert [r["allreduce_s"] for r in rows] == pytest.approx(comm)
+    epochs = [16 * (c + a) for c, a in zip([0.64, 0.32, 0.16, 0.08], comm)]
+    assert [r["epoch_s"] for r in rows] == pytest.approx(epochs)
+    assert [r["speedup"] for r in rows] == pytest.approx([10.24 / e for e in epochs])
+    assert rows[3]["efficiency"] == pytest.approx(10.24 / epochs[3] / 8)  # 10.24 / 1.56224 / 8 = 81.9%
+    assert rows[3]["efficiency"] == pytest.approx(0.8193, abs=1e-4)
+    # Weak scaling on the same numbers keeps the per-GPU compute and so does better.
+    weak = pm.predict_table(TOY, 0.64, 1e8, 1024, 64, gpus=[8])[0]
+    assert weak["efficiency"] > rows[3]["efficiency"] and weak["scaling"] == "weak"
+
+
+def test_strong_scaling_with_a_memory_cap_accumulates():
+    # 64 per step on 1 GPU in 4 micro-batches of 16; on 2 GPUs 32 each in 2 of 16. Compute stays linear in samples.
+    rows = pm.predict_strong_table(TOY, 0.01, 0.0, 640, 64, gpus=[1, 2, 4], max_batch_per_gpu=16)
+    assert [(r["batch_per_gpu"], r["micro_batch"], r["accum"]) for r in rows] == [(64, 16, 4), (32, 16, 2), (16, 16, 1)]
+    assert [r["compute_s"] for r in rows] == pytest.approx([0.64, 0.32, 0.16])
+    assert [r["efficiency"] for r in rows] == pytest.approx([1.0, 1.0, 1.0])  # nothing to allreduce
+    # Overlap hides comm behind the last micro-batch's backward only: accumulation leaves less to hide behind.
+    prof = replace(TOY, overlap=1.0)
+    capped = pm.predict_strong_table(prof, 0.01, 1e9, 640, 64, gpus=[2], max_batch_per_gpu=4)[0]
+    whole = pm.predict_strong_table(prof, 0.01, 1e9, 640, 64, gpus=[2])[0]
+    assert capped["accum"] == 8 and whole["accum"] == 1
+    # 0.32 s of compute; the allreduce, 1e9 / 1e10 s + 8 fusion buffers x 2 x 5 us, hides behind 2/3 of it, or
+    # behind 2/3 of the last of 8 micro-batches.
+    assert whole["exposed_comm_s"] == pytest.approx(0.0)
+    assert capped["exposed_comm_s"] == pytest.approx(0.1 + 8e-5 - 2 / 3 * 0.32 / 8)
+    with pytest.raises(ValueError, match="does not split evenly over 3 GPUs"):
+        pm.predict_strong_table(TOY, 0.01, 0.0, 640, 64, gpus=[3])
+    table = pm.format_prediction(rows)
+    assert "| per-GPU batch | micro x accum |" in table and "| 64 | 16 x 4 |" in table
+
+
 def test_profiles_by_name_and_from_files(tmp_path):
     assert pm.get_profile("study_p100_edr").gpus_per_node == 4
     with pytest.raises(KeyError, match="unknown machine profile"):
@@ -320,3 +379,31 @@ def test_predict_cli_prints_assumptions_and_64_gpu_efficiency(capsys):
     assert "overlap" in capsys.readouterr().err
     assert predict_scaling.main(["--profile", "nope", *args[2:]]) == 2
     assert math.isfinite(rows[1]["epoch_s"])
+    assert predict_scaling.main(args[:4]) == 2
+    assert "pass --grad-bytes, --samples, --batch (or --calibrate-from RUN_DIR..." in capsys.readouterr().err
+
+
+def test_predict_cli_strong_scaling_beside_weak(capsys):
+    args = ["--profile", "study_p100_edr", "--step-time", "0.5", "--grad-bytes", "7.6e7", "--samples", "800"]
+    args += ["--batch", "2", "--gpus", "1,2,4,8,16"]
+    assert predict_scaling.main([*args, "--global-batch", "16", "--max-batch-per-gpu", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "weak scaling (per-GPU batch fixed):" in out and "strong scaling (global batch 16 fixed):" in out
+    assert "micro-batches of at most 4, the rest by gradient accumulation" in out
+    assert "predicted efficiency at 16 GPUs on study_p100_edr:" in out and "(strong, global batch 16)" in out
+    assert predict_scaling.main([*args, "--global-batch", "16", "--max-batch-per-gpu", "4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    strong = [r for r in rows if r["scaling"] == "strong"]
+    assert [r["gpus"] for r in strong] == [1, 2, 4, 8, 16]
+    assert [(r["batch_per_gpu"], r["micro_batch"], r["accum"]) for r in strong] == [
+        (16, 4, 4),
+        (8, 4, 2),
+        (4, 4, 1),
+        (2, 2, 1),
+        (1, 1, 1),
+    ]
+    # 0.5 s per step of 2 samples: 0.25 s per sample, times 16 / N.
+    assert [r["compute_s"] for r in strong] == pytest.approx([4.0, 2.0, 1.0, 0.5, 0.25])
+    assert all(r["steps_per_epoch"] == pytest.approx(50) for r in strong)
+    assert predict_scaling.main([*args, "--global-batch", "12"]) == 2
+    assert "global batch 12 does not split evenly over 8 GPUs" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import scaling_report
+from jobs import predict_scaling, scaling_report
 from scaling.report import make_report
 from scaling.runs import RunFolderError, grad_bytes_from_checkpoint, load_run
 
@@ -179,6 +179,34 @@ def test_model_check_fits_one_rank_and_predicts_two_out_of_sample(runs: Path, tm
     # Fitted on both rank counts there is nothing left to predict.
     rep2 = make_report([runs], tmp_path / "m2", fit_ranks=(1, 2), echo=None)
     assert "out-of-sample error: no real run outside the fitted ones (1, 2 ranks) to predict" in rep2.model_check
+
+
+def test_predict_scaling_calibrates_from_runs(runs: Path, capsys):
+    two = [str(runs / "real_np1"), str(runs / "real_np2")]
+    argv = ["--profile", "cpu_this_machine", "--calibrate-from", *two, "--gpus", "1,2,4"]
+    assert predict_scaling.main([*argv, "--fit-ranks", "1", "--global-batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "out-of-sample error (fit on 1 rank, predicting 2 ranks)" in out
+    assert "source of compute: mean (epoch time - comm) / steps of real run(s) real_np1" in out
+    assert "strong scaling (global batch 8 fixed):" in out
+    assert predict_scaling.main([*argv, "--global-batch", "8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    weak = {r["gpus"]: r for r in rows if r["scaling"] == "weak"}
+    strong = {r["gpus"]: r for r in rows if r["scaling"] == "strong"}
+    # real_np1: 12 s per epoch of 32 steps of 2 = 0.375 s per step, taken as is on this machine.
+    assert weak[4]["compute_s"] == pytest.approx(0.375) and weak[4]["global_batch"] == 8
+    assert strong[4]["compute_s"] == pytest.approx(0.375) and strong[1]["compute_s"] == pytest.approx(1.5)
+    # Fitted on both runs (the default: all), the 2-rank wait sets the latency and bandwidth.
+    assert predict_scaling.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "measured: fitted to the allreduce wait of real run(s) real_np2" in out
+    # Another profile: the CPU compute is scaled by relative throughput (0.01 / 1 for a P100).
+    assert predict_scaling.main(["--profile", "study_p100_edr", *argv[2:], "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["compute_s"] == pytest.approx(0.375 * 0.01)
+    assert predict_scaling.main([*argv, "--fit-ranks", "x"]) == 2
+    assert predict_scaling.main(["--calibrate-from", str(runs / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_duplicate_runs_all_kept(runs: Path, tmp_path: Path):
