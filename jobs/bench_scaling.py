@@ -163,6 +163,21 @@ def verdict(rows: list[dict]) -> tuple[bool, str]:
     return met, f"{'met' if met else 'NOT met'} ({detail}" + ("" if met else f"; below at {', '.join(failing)}") + ")"
 
 
+def model_check_lines(report_md: str) -> list[str]:
+    """The report's out-of-sample lines (the CPU model fitted on 1 rank, predicting the 2-rank epoch time)."""
+    return [ln.strip("*") for ln in report_md.splitlines() if ln.startswith("**out-of-sample error")]
+
+
+def run_report(rows: list[dict], out: Path, predict: str) -> tuple[Path, list[str]]:
+    """`jobs.scaling_report` over the runs into OUT/report; returns that folder and its out-of-sample lines."""
+    report_dir = out / "report"
+    cmd = [sys.executable, "-m", "jobs.scaling_report", *(r["run_dir"] for r in rows), "--out", str(report_dir)]
+    if predict:
+        cmd += ["--predict", predict]
+    _call(cmd, out / "logs" / "scaling_report.log")
+    return report_dir, model_check_lines((report_dir / "scaling.md").read_text())
+
+
 def format_table(rows: list[dict]) -> str:
     head = (
         f"{'GPUs':>4} | {'mode':<9} | {'ranks x sim':>11} | {'global batch':>12} | {'updates':>7} | "
@@ -237,11 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         pool.shutdown(cancel_futures=True)  # after a failed run, do not start the queued ones
     base = add_relative(rows)
-    report_dir = a.out / "report"
-    cmd = [sys.executable, "-m", "jobs.scaling_report", *(r["run_dir"] for r in rows), "--out", str(report_dir)]
-    if a.predict:
-        cmd += ["--predict", a.predict]
-    _call(cmd, a.out / "logs" / "scaling_report.log")
+    report_dir, check = run_report(rows, a.out, a.predict)
     met, how = verdict(rows)
     total = time.perf_counter() - t_start
     table = format_table(rows)
@@ -254,12 +265,15 @@ def main(argv: list[str] | None = None) -> dict:
         "verdict": how,
         "total_s": total,
         "rows": rows,
+        "model_check": check,
         "report": str(report_dir),
     }
     (a.out / "bench_scaling.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (a.out / "bench_scaling.md").write_text(f"```\n{table}\n```\n\nbar (simulated >= {BAR:.0%} of 1 GPU): {how}\n")
+    md = f"```\n{table}\n```\n\nbar (simulated >= {BAR:.0%} of 1 GPU): {how}\n"
+    (a.out / "bench_scaling.md").write_text(md + "".join(f"\n{line}\n" for line in check))
     print(f"\n{table}\n")
     print(f"bar: every simulated count keeps >= {BAR:.0%} of the 1-GPU best Dice ({base:.4f}): {how}")
+    print("\n".join(f"model: {line}" for line in check))
     print(f"report: {report_dir}/scaling.md (+ scaling.csv, time_speedup.png, dice_relative.png)")
     print(f"total {total / 60:.1f} min; runs, logs and bench_scaling.json under {a.out}")
     return summary

@@ -30,7 +30,9 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_GPUS",
+    "OUT_OF_SAMPLE_TARGET_PCT",
     "PROFILES",
+    "SOURCED_FIELDS",
     "Calibration",
     "MachineProfile",
     "Measurement",
@@ -38,25 +40,38 @@ __all__ = [
     "assumption_lines",
     "calibrate",
     "compute_on",
+    "derive",
     "format_prediction",
     "get_profile",
     "grad_bytes_of",
     "hierarchical_allreduce_time",
     "load_profile",
+    "missing_sources",
+    "parse_ranks",
     "predict_point",
+    "predict_strong_table",
     "predict_table",
     "profile_dict",
     "ring_allreduce_time",
+    "small_allreduce_time",
+    "source_lines",
+    "strong_assumption_lines",
+    "strong_split",
 ]
 
 DEFAULT_GPUS = (1, 2, 4, 8, 16, 32, 64)
 GB = 1e9  # bandwidths are in GB/s of 1e9 bytes, as NCCL's busbw is reported
 MB = 1024 * 1024  # Horovod's fusion threshold is in MiB
+OUT_OF_SAMPLE_TARGET_PCT = 15.0  # issue 12: fitted on 1 rank, the model predicts the other runs' epochs within 15%
 
 
 @dataclass(frozen=True)
 class MachineProfile:
-    """A cluster, as the performance model sees it. Bandwidths are effective (achieved), not line rates."""
+    """A cluster, as the performance model sees it. Bandwidths are effective (achieved), not line rates.
+
+    `sources` says where each number comes from: a citation (datasheet and figure), "measured: <command>" or
+    "assumption: <why>"; `missing_sources` lists the numbers without one.
+    """
 
     name: str
     gpu: str  # accelerator, for the printout
@@ -72,7 +87,8 @@ class MachineProfile:
     cycle_ms: float = 1.0  # HOROVOD_CYCLE_TIME in ms
     overlap: float = 0.5  # fraction of the allreduce hidden behind the backward pass (0..1)
     backward_fraction: float = 2.0 / 3.0  # share of the compute that is backward: the most comm can hide behind
-    notes: str = ""  # where the numbers come from
+    notes: str = ""  # what the machine is, in one sentence
+    sources: dict[str, str] = field(default_factory=dict, compare=False)  # field name -> where its value comes from
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +104,9 @@ class MachineProfile:
         for name in ("overlap", "backward_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        unknown = sorted(set(self.sources) - set(SOURCED_FIELDS))
+        if unknown:
+            problems.append(f"sources name fields that are not numbers of the profile: {unknown}")
         if problems:
             raise ValueError(f"machine profile {self.name!r}: " + "; ".join(problems))
 
@@ -97,7 +116,29 @@ class MachineProfile:
         return self.nic_bw_gbs * min(self.nics_per_node, self.gpus_per_node)
 
 
-# The numbers are assumptions stated in `notes`; pass a YAML/JSON profile or CLI flags to use your own.
+# The numbers of a profile that need a source (with `from __future__ import annotations` the types are strings).
+SOURCED_FIELDS = tuple(f.name for f in fields(MachineProfile) if f.type in ("int", "float", "bool"))
+
+
+def missing_sources(profile: MachineProfile) -> list[str]:
+    """The numeric fields of `profile` that have no (or an empty) source."""
+    return [name for name in SOURCED_FIELDS if not profile.sources.get(name, "").strip()]
+
+
+def derive(profile: MachineProfile, source: str, **changes: Any) -> MachineProfile:
+    """`profile` with `changes` applied and `source` recorded for each changed number."""
+    sources = {**profile.sources, **{k: source for k in changes if k in SOURCED_FIELDS}}
+    return replace(profile, **changes, sources=sources)
+
+
+# Shared sources. Horovod's defaults are read from horovod/common/operations.cc (the reference notes, horovod.md
+# section 3 item 11); a "study" is the source study of issue 12 (P100 GPUs on EDR InfiniBand).
+_BACKWARD = "assumption: backward costs about twice the forward pass (activation and weight gradients), so 2/3"
+_HVD_FUSION = "Horovod 0.28 operations.cc: SetTensorFusionThresholdBytes(128 * 1024 * 1024), the default"
+_HVD_CYCLE = "Horovod 0.28 operations.cc: SetCycleTimeMs(1), the default"
+_BENCH = "measured: `python -m jobs.bench_allreduce --repeats 2` on 2026-12-03 (dev machine, default launch, 2 ranks)"
+
+# Pass a YAML/JSON profile or CLI flags to use your own numbers.
 PROFILES: dict[str, MachineProfile] = {
     "study_p100_edr": MachineProfile(
         name="study_p100_edr",
@@ -113,10 +154,29 @@ PROFILES: dict[str, MachineProfile] = {
         fusion_mb=64.0,
         cycle_ms=5.0,
         overlap=0.5,
-        notes="the source study's cluster: 4 P100 per node on PCIe gen3 (~10 GB/s effective of 15.8), one 100 Gb/s "
-        "EDR InfiniBand adapter per node (12.5 GB/s line rate, ~10 GB/s achieved), flat NCCL ring (Horovod's "
-        "default), Horovod <= 0.19 defaults of the time (64 MiB fusion buffer, 5 ms cycle), half the allreduce "
-        "hidden behind backward",
+        notes="the source study's cluster: P100 GPUs on PCIe, one 100 Gb/s EDR InfiniBand adapter per node, Horovod"
+        " of its time",
+        sources={
+            "relative_throughput": "the unit of this field (P100 = 1); NVIDIA Tesla P100 PCIe datasheet: 9.3 TFLOP/s"
+            " FP32, 18.7 TFLOP/s FP16",
+            "gpus_per_node": "assumption: 4 P100 per node, a common P100 server of the study's time; the study names"
+            " the GPU and the fabric, not this number",
+            "intra_bw_gbs": "NVIDIA Tesla P100 PCIe datasheet: PCIe Gen3 32 GB/s (16 GB/s each way); assumption: an"
+            " NCCL ring through the PCIe switch achieves ~10 GB/s of it",
+            "intra_latency_us": "assumption: a few us per ring step over PCIe (NCCL's per-step overhead)",
+            "nic_bw_gbs": "InfiniBand EDR (the study's fabric): 100 Gb/s = 12.5 GB/s per port; assumption: ~80%"
+            " achieved, 10 GB/s",
+            "nics_per_node": "assumption: one EDR adapter per node",
+            "inter_latency_us": "assumption: ~1 us on the EDR wire plus NCCL and host staging of the time, ~10 us per"
+            " ring step",
+            "hierarchical": "Horovod operations.cc: HOROVOD_HIERARCHICAL_ALLREDUCE is off unless set (flat ring)",
+            "fusion_mb": "Horovod operations.cc before 0.20: SetTensorFusionThresholdBytes(64 * 1024 * 1024);"
+            " assumption: the study ran that default",
+            "cycle_ms": "Horovod operations.cc before 0.20: SetCycleTimeMs(5); assumption: the study ran that default",
+            "overlap": "assumption: half the allreduce hidden behind backward (Horovod starts each fusion buffer from"
+            " the backward hooks); not measured on that cluster",
+            "backward_fraction": _BACKWARD,
+        },
     ),
     "modern_h100_ndr": MachineProfile(
         name="modern_h100_ndr",
@@ -132,30 +192,64 @@ PROFILES: dict[str, MachineProfile] = {
         fusion_mb=128.0,
         cycle_ms=1.0,
         overlap=0.7,
-        notes="a DGX-H100-like node: 8 H100 SXM on NVLink 4 (~360 GB/s NCCL allreduce busbw), 400 Gb/s NDR "
-        "InfiniBand PER GPU (8 adapters per node, ~45 GB/s achieved each, 360 GB/s per node), hierarchical "
-        "allreduce, Horovod 0.28 defaults (128 MiB fusion buffer, 1 ms cycle), 70% of the allreduce hidden; "
-        "compute ~10x a P100 for a 3D U-Net with bf16 autocast (a rough guess: pass a step time measured on "
-        "an H100 instead)",
+        notes="a DGX H100 node: 8 H100 SXM on NVLink 4, one 400 Gb/s NDR InfiniBand adapter per GPU",
+        sources={
+            "relative_throughput": "assumption: ~10x a P100 for a small 3D U-Net with bf16 autocast, well below the"
+            " peak ratio (NVIDIA H100 SXM datasheet: 989 TFLOP/s dense BF16, 67 TFLOP/s FP32; P100: 18.7 TFLOP/s"
+            " FP16) because small 3D convolutions are memory-bound (H100 SXM 3.35 TB/s against P100 732 GB/s: 4.6x);"
+            " pass a step time measured on an H100 instead",
+            "gpus_per_node": "NVIDIA DGX H100 user guide: 8 H100 SXM GPUs per node",
+            "intra_bw_gbs": "NVIDIA H100 SXM datasheet: NVLink 900 GB/s per GPU (both directions, 450 GB/s each way);"
+            " assumption: an NCCL allreduce reaches ~80% of one direction, 360 GB/s bus bandwidth",
+            "intra_latency_us": "assumption: a few us per ring step on NVLink/NVSwitch (NCCL's per-step overhead)",
+            "nic_bw_gbs": "InfiniBand NDR: 400 Gb/s = 50 GB/s per port; assumption: ~90% achieved, 45 GB/s",
+            "nics_per_node": "NVIDIA DGX H100 user guide: 8 single-port ConnectX-7 400 Gb/s InfiniBand adapters for"
+            " the compute fabric, one per GPU",
+            "inter_latency_us": "assumption: ~1 us NDR wire and switch latency plus NCCL's per-step overhead, 5 us",
+            "hierarchical": "assumption: HOROVOD_HIERARCHICAL_ALLREDUCE=1, set for nodes whose NVLink is 8x faster"
+            " than one adapter",
+            "fusion_mb": _HVD_FUSION,
+            "cycle_ms": _HVD_CYCLE,
+            "overlap": "assumption: 70% of the allreduce hidden behind backward (fast links finish most buffers"
+            " before backward does); not measured",
+            "backward_fraction": _BACKWARD,
+        },
     ),
     "cpu_this_machine": MachineProfile(
         name="cpu_this_machine",
-        gpu="CPU ranks on this host (2 shared cores, Gloo)",
+        gpu="CPU ranks on this host (2 cores, MPI shared memory: the jobs/_launch.py default)",
         relative_throughput=0.01,
         gpus_per_node=64,
-        intra_bw_gbs=2.0,
-        intra_latency_us=50.0,
-        nic_bw_gbs=2.0,
+        intra_bw_gbs=4.1,
+        intra_latency_us=258.0,
+        nic_bw_gbs=4.1,
         nics_per_node=1,
-        inter_latency_us=50.0,
+        inter_latency_us=258.0,
         hierarchical=False,
         fusion_mb=128.0,
-        cycle_ms=1.0,
+        cycle_ms=0.2,
         overlap=0.0,
-        notes="every rank on this one host over Gloo shared memory/loopback; latency and bandwidth are priors to be "
-        "replaced by `calibrate` from measured runs; overlap 0 because the loop times the exposed wait in "
-        "synchronize(), so the fitted numbers are effective ones; compute ~1/100 of a P100 (a guess: 2 shared "
-        "cores at ~0.1 TFLOP/s against ~10)",
+        notes="every rank on this one 2-core host, Horovod over OpenMPI's shared-memory transport; `calibrate`"
+        " takes compute from measured 1-rank runs",
+        sources={
+            "relative_throughput": "assumption: 2 CPU cores at ~0.1 TFLOP/s against a P100's 9.3 TFLOP/s FP32"
+            " (datasheet); used only to scale CPU step times to other profiles",
+            "gpus_per_node": "assumption: every rank on this one host, so every count runs the in-node ring (past"
+            " 2 ranks they share the 2 cores, which the model does not capture)",
+            "intra_bw_gbs": f"{_BENCH}: bus bandwidth 3.72 GB/s at 16 MiB (4.51 ms) and 4.00 GB/s at 64 MiB"
+            " (16.79 ms); the slope between them (48 MiB in 12.28 ms) is 4.1 GB/s, the rest is latency",
+            "intra_latency_us": f"{_BENCH}: 1 KiB allreduce 615 us = 2 ring steps + half the 0.2 ms cycle, so"
+            " (615 - 100) / 2 = 258 us per step",
+            "nic_bw_gbs": "assumption: no network (one host); the in-node figure, so no count crosses a slower link",
+            "nics_per_node": "assumption: no network (one host); unused",
+            "inter_latency_us": "assumption: no network (one host); the in-node figure",
+            "hierarchical": "assumption: one host, no node level to reduce across",
+            "fusion_mb": f"{_HVD_FUSION}; jobs/_launch.py leaves HOROVOD_FUSION_THRESHOLD unset",
+            "cycle_ms": "jobs/_launch.py: the default launch sets HOROVOD_CYCLE_TIME=0.2",
+            "overlap": "assumption: none hidden: the loop times the exposed wait in optim.synchronize(), and the"
+            " allreduce competes with backward for the same 2 cores",
+            "backward_fraction": _BACKWARD,
+        },
     ),
 }
 
@@ -205,15 +299,20 @@ def load_profile(path: str | Path) -> MachineProfile:
     if unknown:
         raise ValueError(f"machine profile file {path}: unknown keys {unknown}; known keys are {sorted(known)}")
     data.setdefault("name", path.stem)
+    given = data.pop("sources", None) or {}  # the file may cite its own numbers; otherwise the file is the source
     try:
+        if not isinstance(given, dict):
+            raise ValueError(f"sources must be a mapping of field name to source, got {type(given).__name__}")
         if base is not None:
             if base not in PROFILES:
                 raise ValueError(f"base {base!r} is not one of {sorted(PROFILES)}")
             changed = sorted(set(data) - {"name", "notes"})
             # The base's notes describe its own numbers: say which ones this file changed.
             data.setdefault("notes", f"{base} with {changed} from {path}; {base}: {PROFILES[base].notes}")
-            return replace(PROFILES[base], **data)
-        return MachineProfile(**data)
+            prof = derive(PROFILES[base], f"given in {path}", **data)
+            return replace(prof, sources={**prof.sources, **given})
+        sources = {k: f"given in {path}" for k in data if k in SOURCED_FIELDS}
+        return MachineProfile(**data, sources={**sources, **given})
     except (TypeError, ValueError) as e:
         raise ValueError(f"machine profile file {path}: {e}") from e
 
@@ -277,6 +376,16 @@ def allreduce_time(
     return total, algo, len(bufs)
 
 
+def small_allreduce_time(profile: MachineProfile, p: int, count: float) -> float:
+    """Seconds for `count` latency-bound allreduces (a few bytes each, one after the other) on `p` GPUs.
+
+    Each is its own Horovod operation: the ring's latency steps plus, on average, half a cycle before it starts.
+    """
+    if p == 1 or count <= 0:
+        return 0.0
+    return count * (_one_allreduce(0.0, p, profile)[0] + profile.cycle_ms * 1e-3 / 2)
+
+
 def compute_on(profile: MachineProfile, step_s: float, measured_on: str | MachineProfile | None = None) -> float:
     """Compute seconds per step on `profile`'s GPU.
 
@@ -291,6 +400,15 @@ def compute_on(profile: MachineProfile, step_s: float, measured_on: str | Machin
     return step_s * src.relative_throughput / profile.relative_throughput
 
 
+def _check_point(compute_s: float, grad_bytes: float, samples: float, batch: float, p: int, accum: int) -> None:
+    if p < 1 or batch <= 0 or accum < 1:
+        raise ValueError(f"need gpus >= 1, batch_per_gpu > 0 and accum >= 1, got {p}, {batch}, {accum}")
+    if samples <= 0 or grad_bytes < 0 or compute_s <= 0:
+        raise ValueError(
+            f"need samples_per_epoch > 0, grad_bytes >= 0, compute_step_s > 0; got {samples}, {grad_bytes}, {compute_s}"
+        )
+
+
 def predict_point(
     profile: str | MachineProfile,
     compute_step_s: float,
@@ -300,6 +418,7 @@ def predict_point(
     p: int,
     accum: int = 1,
     n_tensors: int | None = None,
+    small_allreduces: float = 0.0,
 ) -> dict[str, Any]:
     """The model at `p` GPUs; `compute_step_s` is forward + backward of one optimizer step on the target GPU.
 
@@ -312,25 +431,23 @@ def predict_point(
         p: GPUs.
         accum: micro-batches per optimizer step (only the last one's backward can hide the allreduce).
         n_tensors: gradient tensors, needed only when tensor fusion is off.
+        small_allreduces: latency-bound collectives per step besides the gradients (hvdtrain's step flags, a
+            global-batch Dice); never hidden.
 
     Returns:
         gpus, nodes, algorithm, allreduce_calls, global_batch, steps_per_epoch (fractional: the model ignores the
-        dropped last batch), compute_s, allreduce_s, exposed_comm_s, step_s, epoch_s, samples_per_s.
+        dropped last batch), compute_s, allreduce_s, small_allreduce_s, exposed_comm_s (all communication on the
+        step's critical path), step_s, epoch_s, samples_per_s.
     """
     prof = get_profile(profile)
-    if p < 1 or batch_per_gpu < 1 or accum < 1:
-        raise ValueError(f"gpus, batch_per_gpu and accum must be >= 1, got {p}, {batch_per_gpu}, {accum}")
-    if samples_per_epoch <= 0 or grad_bytes < 0 or compute_step_s <= 0:
-        raise ValueError(
-            f"need samples_per_epoch > 0, grad_bytes >= 0, compute_step_s > 0; got {samples_per_epoch}, "
-            f"{grad_bytes}, {compute_step_s}"
-        )
+    _check_point(compute_step_s, grad_bytes, samples_per_epoch, batch_per_gpu, p, accum)
     comm, algo, calls = allreduce_time(grad_bytes, p, prof, n_tensors)
     # Backward hooks start each fusion buffer's allreduce while earlier layers still compute their gradients.
     hideable = prof.backward_fraction * compute_step_s / accum
     hidden = min(prof.overlap * comm, hideable)
     tail = prof.cycle_ms * 1e-3 / 2 if p > 1 and calls else 0.0  # the last gradients wait ~half a cycle
-    exposed = comm - hidden + tail
+    small = small_allreduce_time(prof, p, small_allreduces)
+    exposed = comm - hidden + tail + small
     step = compute_step_s + exposed
     global_batch = batch_per_gpu * accum * p
     steps = samples_per_epoch / global_batch
@@ -343,6 +460,7 @@ def predict_point(
         "steps_per_epoch": steps,
         "compute_s": compute_step_s,
         "allreduce_s": comm,
+        "small_allreduce_s": small,
         "exposed_comm_s": exposed,
         "step_s": step,
         "epoch_s": steps * step,
@@ -360,6 +478,7 @@ def predict_table(
     accum: int = 1,
     measured_on: str | MachineProfile | None = None,
     n_tensors: int | None = None,
+    small_allreduces: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Predicted time per epoch, speedup and efficiency at each GPU count (speedup against 1 GPU, always computed).
 
@@ -368,12 +487,71 @@ def predict_table(
     """
     prof = get_profile(profile)
     compute = compute_on(prof, compute_step_s, measured_on)
-    base = predict_point(prof, compute, grad_bytes, samples_per_epoch, batch_per_gpu, 1, accum, n_tensors)
+    args = (samples_per_epoch, batch_per_gpu)
+    base = predict_point(prof, compute, grad_bytes, *args, 1, accum, n_tensors, small_allreduces)
     rows = []
     for p in gpus:
-        row = predict_point(prof, compute, grad_bytes, samples_per_epoch, batch_per_gpu, int(p), accum, n_tensors)
+        row = predict_point(prof, compute, grad_bytes, *args, int(p), accum, n_tensors, small_allreduces)
         speedup = base["epoch_s"] / row["epoch_s"]
-        rows.append({"profile": prof.name, **row, "speedup": speedup, "efficiency": speedup / row["gpus"]})
+        rows.append(
+            {"profile": prof.name, "scaling": "weak", **row, "speedup": speedup, "efficiency": speedup / row["gpus"]}
+        )
+    return rows
+
+
+def strong_split(global_batch: int, p: int, max_batch_per_gpu: int | None = None) -> tuple[int, int, int]:
+    """(samples per GPU per step, largest micro-batch, accumulation steps) for a fixed global batch on `p` GPUs.
+
+    Each GPU takes G / p samples per optimizer step, in micro-batches of at most `max_batch_per_gpu` (memory): the
+    rest is gradient accumulation, the last micro-batch holding what is left.
+
+    Raises:
+        ValueError: G / p is not a whole number of samples, or a batch or count below 1.
+    """
+    if global_batch < 1 or p < 1 or (max_batch_per_gpu is not None and max_batch_per_gpu < 1):
+        raise ValueError(
+            f"need global batch, GPUs and max batch per GPU >= 1, got {global_batch}, {p}, {max_batch_per_gpu}"
+        )
+    if global_batch % p:
+        raise ValueError(f"global batch {global_batch} does not split evenly over {p} GPUs")
+    per_gpu = global_batch // p
+    cap = min(per_gpu, max_batch_per_gpu or per_gpu)
+    return per_gpu, cap, math.ceil(per_gpu / cap)
+
+
+def predict_strong_table(
+    profile: str | MachineProfile,
+    compute_per_sample_s: float,
+    grad_bytes: float,
+    samples_per_epoch: float,
+    global_batch: int,
+    gpus: Sequence[int] = DEFAULT_GPUS,
+    max_batch_per_gpu: int | None = None,
+    measured_on: str | MachineProfile | None = None,
+    small_allreduces: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Strong scaling: time per epoch, speedup and efficiency with the global batch fixed at `global_batch`.
+
+    Each GPU computes G / N samples per step (`strong_split`), so compute per step shrinks as 1/N while the
+    allreduce of the same gradients does not, and steps per epoch stay samples / G. Compute is linear in samples
+    (`compute_per_sample_s`, on `measured_on`'s GPU or the target's): optimistic for small per-GPU batches, which
+    keep a GPU less busy. Rows are `predict_point`'s with batch_per_gpu (G / N), micro_batch, accum, speedup
+    (against the same global batch on 1 GPU) and efficiency.
+    """
+    prof = get_profile(profile)
+    per_sample = compute_on(prof, compute_per_sample_s, measured_on)
+    rows = []
+    for p in [1, *gpus]:
+        per_gpu, micro, accum = strong_split(global_batch, int(p), max_batch_per_gpu)
+        # The mean micro-batch (per_gpu / accum) keeps the global batch exact when the last one is smaller.
+        args = (per_sample * per_gpu, grad_bytes, samples_per_epoch, per_gpu / accum, int(p), accum)
+        row = predict_point(prof, *args, None, small_allreduces)
+        row.update(global_batch=global_batch, batch_per_gpu=per_gpu, micro_batch=micro, accum=accum)
+        rows.append(row)
+    base, rows = rows[0], rows[1:]
+    for row in rows:
+        speedup = base["epoch_s"] / row["epoch_s"]
+        row.update(profile=prof.name, scaling="strong", speedup=speedup, efficiency=speedup / row["gpus"])
     return rows
 
 
@@ -404,7 +582,8 @@ def assumption_lines(
         f"  compute speed {p.relative_throughput:g} x a P100",
     ]
     if p.notes:
-        lines.append(f"  why: {p.notes}")
+        lines.append(f"  machine: {p.notes}")
+    lines += source_lines(p)
     if compute_step_s is not None:
         if measured_on is None:
             lines.append(f"compute per step: {compute_step_s:.4g} s, taken as measured on the target GPU")
@@ -430,17 +609,47 @@ def assumption_lines(
     return lines
 
 
-def format_prediction(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of `predict_table` rows."""
-    head = (
-        "| GPUs | nodes | allreduce | global batch | step s | exposed comm s | epoch s | speedup | efficiency |\n"
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+def strong_assumption_lines(global_batch: int, max_batch_per_gpu: int | None, compute_per_sample_s: float) -> list[str]:
+    """What the strong-scaling table assumes, for printing above it."""
+    cap = (
+        f"micro-batches of at most {max_batch_per_gpu}, the rest by gradient accumulation"
+        if max_batch_per_gpu
+        else ("one micro-batch (no --max-batch-per-gpu)")
     )
-    body = [
-        f"| {r['gpus']} | {r['nodes']} | {r['algorithm']} | {r['global_batch']} | {r['step_s']:.4g} | "
-        f"{r['exposed_comm_s']:.3g} | {r['epoch_s']:.4g} | {r['speedup']:.2f} | {r['efficiency']:.1%} |"
-        for r in rows
+    return [
+        f"strong scaling: global batch {global_batch} at every GPU count; per GPU {global_batch} / N samples per step"
+        f" in {cap}",
+        f"  compute {compute_per_sample_s:.4g} s per sample on the measuring GPU, linear in samples (a small per-GPU"
+        " batch keeps a GPU less busy: optimistic at large N); the allreduce per step does not shrink with N",
+        "  steps per epoch = samples / global batch at every N; speedup against the same global batch on 1 GPU",
     ]
+
+
+def source_lines(profile: MachineProfile) -> list[str]:
+    """Each number of the profile with where it comes from (flagged when it has no source)."""
+    lines = ["  sources:"]
+    for name in SOURCED_FIELDS:
+        value = getattr(profile, name)
+        shown = str(value) if isinstance(value, bool) else f"{value:g}"
+        lines.append(f"    {name} = {shown}: {profile.sources.get(name, '').strip() or 'NO SOURCE GIVEN'}")
+    return lines
+
+
+def format_prediction(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of `predict_table` or `predict_strong_table` rows (the latter with the per-GPU split)."""
+    strong = bool(rows) and "micro_batch" in rows[0]
+    extra = "per-GPU batch | micro x accum | compute s | " if strong else ""
+    head = (
+        f"| GPUs | nodes | allreduce | global batch | {extra}step s | exposed comm s | epoch s | speedup | efficiency |"
+        "\n|---:|---:|---|---:|" + ("---:|---:|---:|" if strong else "") + "---:|---:|---:|---:|---:|"
+    )
+    body = []
+    for r in rows:
+        split = f"{r['batch_per_gpu']} | {r['micro_batch']} x {r['accum']} | {r['compute_s']:.4g} | " if strong else ""
+        body.append(
+            f"| {r['gpus']} | {r['nodes']} | {r['algorithm']} | {r['global_batch']} | {split}{r['step_s']:.4g} | "
+            f"{r['exposed_comm_s']:.3g} | {r['epoch_s']:.4g} | {r['speedup']:.2f} | {r['efficiency']:.1%} |"
+        )
     return "\n".join([head, *body])
 
 
@@ -451,38 +660,98 @@ class Measurement:
     world_size: int
     steps_per_epoch: float  # optimizer steps per epoch
     epoch_time_s: float  # training wall time per epoch
-    comm_s: float  # time per epoch waiting for the allreduce (the exposed part)
+    comm_s: float  # time per epoch waiting for the gradient allreduce (the exposed part)
     grad_bytes: float
     label: str = ""
+    samples_per_step: float | None = None  # samples per rank per optimizer step (batch x accum); None: unknown
+    small_allreduces: float = 0.0  # latency-bound collectives per step besides the gradients (flags, global Dice)
 
     @property
     def compute_step_s(self) -> float:
         return (self.epoch_time_s - self.comm_s) / self.steps_per_epoch
 
+    @property
+    def global_batch(self) -> float | None:
+        return self.samples_per_step * self.world_size if self.samples_per_step else None
+
+
+def _rank_words(ranks: Sequence[int] | None) -> str:
+    if ranks is None:
+        return "all runs"
+    return ", ".join(map(str, ranks)) + (" rank" if list(ranks) == [1] else " ranks")
+
 
 @dataclass(frozen=True)
 class Calibration:
-    """A profile with fitted latency and bandwidth, how they were found, and the error at each measured point."""
+    """A profile fitted to the runs at `fit_ranks`, and its epoch-time error on every run, fitted or held out.
+
+    Each point has label, world_size, in_sample, scaling ("fit", "weak" or "strong": a held-out run with the fitted
+    runs' per-rank batch, or with their global batch), measured/predicted epoch and comm per step, error_pct.
+    """
 
     profile: MachineProfile
     method: str
-    compute_step_s: float  # mean over the runs at the smallest measured world size (1 if present)
+    compute_step_s: float  # compute per step of the fitted runs at their smallest world size (mean)
     points: list[dict[str, Any]] = field(default_factory=list)
+    fit_ranks: tuple[int, ...] | None = None  # world sizes fitted on; None: every run
+    compute_per_sample_s: float | None = None  # the same per sample, when the runs' batches are known
 
-    def lines(self) -> list[str]:
-        """Human-readable summary: the fitted numbers and the prediction error per measured point."""
-        p = self.profile
-        out = [
-            f"calibration of {p.name} ({self.method}): latency {p.intra_latency_us:.4g} us per ring step, "
-            f"bandwidth {p.intra_bw_gbs:.4g} GB/s; compute {self.compute_step_s:.4g} s per step",
-        ]
+    def summaries(self) -> list[dict[str, Any]]:
+        """The in-sample error, then one out-of-sample error per kind of held-out run (weak, strong scaling).
+
+        Each: in_sample, scaling, ranks, runs, error_pct (the point with the largest |error|), within_target.
+        """
+        groups: dict[tuple[bool, str], list[dict[str, Any]]] = {}
         for pt in self.points:
+            groups.setdefault((pt["in_sample"], pt["scaling"]), []).append(pt)
+        out = []
+        for (inside, scaling), pts in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+            worst = max(pts, key=lambda pt: abs(pt["error_pct"]))
+            err = worst["error_pct"]
+            ranks = sorted({pt["world_size"] for pt in pts})
+            within = abs(err) <= OUT_OF_SAMPLE_TARGET_PCT
             out.append(
-                f"  {pt['label'] or 'run'} ({pt['world_size']} rank(s)): epoch measured {pt['measured_epoch_s']:.4g} s,"
-                f" predicted {pt['predicted_epoch_s']:.4g} s, error {pt['error_pct']:+.1f}%; comm/step measured "
-                f"{pt['measured_comm_step_s']:.3g} s, predicted {pt['predicted_comm_step_s']:.3g} s"
+                dict(in_sample=inside, scaling=scaling, ranks=ranks, runs=len(pts), error_pct=err, within_target=within)
             )
         return out
+
+    def summary_lines(self) -> list[str]:
+        """'in-sample error (...)' and 'out-of-sample error (fit on 1 rank, predicting 2 ranks): X% (...)' lines."""
+        fit = _rank_words(self.fit_ranks)
+        lines = []
+        for s in self.summaries():
+            worst = f"{s['error_pct']:+.1f}%" + (f" (largest of {s['runs']} runs)" if s["runs"] > 1 else "")
+            if s["in_sample"]:
+                lines.append(f"in-sample error (fit on {fit}): {worst}")
+                continue
+            what = _rank_words(s["ranks"]) + (", strong scaling" if s["scaling"] == "strong" else "")
+            verdict = "within" if s["within_target"] else "NOT within"
+            lines.append(
+                f"out-of-sample error (fit on {fit}, predicting {what}): {worst}, {verdict} the "
+                f"{OUT_OF_SAMPLE_TARGET_PCT:g}% target"
+            )
+        if not any(not pt["in_sample"] for pt in self.points):
+            lines.append(f"out-of-sample error: no real run outside the fitted ones ({fit}) to predict")
+        return lines
+
+    def lines(self) -> list[str]:
+        """Human-readable summary: the fitted numbers, the error per measured point, then the error summaries."""
+        p = self.profile
+        per_sample = f" ({self.compute_per_sample_s:.4g} s per sample)" if self.compute_per_sample_s else ""
+        out = [
+            f"calibration of {p.name} on {_rank_words(self.fit_ranks)} ({self.method}): latency "
+            f"{p.intra_latency_us:.4g} us per ring step, bandwidth {p.intra_bw_gbs:.4g} GB/s; compute "
+            f"{self.compute_step_s:.4g} s per step{per_sample}",
+        ]
+        for pt in self.points:
+            how = "fitted" if pt["in_sample"] else f"held out, {pt['scaling']} scaling"
+            out.append(
+                f"  {pt['label'] or 'run'} ({pt['world_size']} rank(s), {how}): epoch measured "
+                f"{pt['measured_epoch_s']:.4g} s, predicted {pt['predicted_epoch_s']:.4g} s, error "
+                f"{pt['error_pct']:+.1f}%; comm/step measured {pt['measured_comm_step_s']:.3g} s, predicted "
+                f"{pt['predicted_comm_step_s']:.3g} s"
+            )
+        return out + self.summary_lines()
 
 
 def _fit_nonneg(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, str] | None:
@@ -505,20 +774,100 @@ def _fit_nonneg(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, str] | None:
     return best[1], "least squares (one term clipped to 0)"
 
 
-def calibrate(profile: str | MachineProfile, measurements: Sequence[Measurement]) -> Calibration:
-    """Fit the profile's single-node latency and bandwidth to measured real runs.
+def _fit_comm(prof: MachineProfile, multi: Sequence[Measurement]) -> tuple[MachineProfile, str]:
+    """The profile with in-node latency and bandwidth fitted to the gradient wait of the multi-rank runs."""
+    if not multi:
+        return prof, "no multi-rank run fitted: the profile's latency and bandwidth kept"
+    rows, y = [], []
+    for m in multi:
+        p = m.world_size
+        calls = len(_buffers(m.grad_bytes, prof.fusion_mb, None)) or 1
+        rows.append([calls * 2.0 * (p - 1), 2.0 * (p - 1) / p * m.grad_bytes])
+        y.append(m.comm_s / m.steps_per_epoch - prof.cycle_ms * 1e-3 / 2)
+    a, yv = np.asarray(rows), np.asarray(y)
+    fit = _fit_nonneg(a, yv)
+    if fit is not None:
+        (lat_s, inv_bw), method = fit
+    else:
+        prior = np.array([prof.intra_latency_us * 1e-6, 1.0 / (prof.intra_bw_gbs * GB)])
+        # Clip at a tiny positive ratio: a zero would mean infinite bandwidth.
+        ratio = max(float(yv.sum()) / float((a @ prior).sum()), 1e-9)
+        lat_s, inv_bw = prior * ratio
+        method = f"ratio to the prior (x{ratio:.3g}; one world size cannot separate latency from bandwidth)"
+    bw = 1.0 / (inv_bw * GB) if inv_bw > 0 else math.inf  # the fit found no bandwidth term
+    runs = ", ".join(m.label or f"{m.world_size} ranks" for m in multi)
+    source = f"measured: fitted to the allreduce wait of real run(s) {runs} ({method})"
+    lat_us = float(lat_s) * 1e6
+    prof = derive(prof, source, intra_latency_us=lat_us, intra_bw_gbs=bw, nic_bw_gbs=bw, inter_latency_us=lat_us)
+    return prof, method
 
-    The unknowns are the latency `a` and the inverse bandwidth `1/B` of the ring in one node: each measured run at
+
+def _compute_reference(prof: MachineProfile, fit: Sequence[Measurement]) -> tuple[float, float | None]:
+    """Compute per step and per sample of the fitted runs at their smallest world size (per sample: None if unknown).
+
+    A multi-rank run's epoch less its gradient wait still holds its small collectives: their modelled time is taken
+    off, so that the compute is what one GPU would spend.
+    """
+    smallest = min(m.world_size for m in fit)
+    ref = [m for m in fit if m.world_size == smallest]
+    steps = [m.compute_step_s - small_allreduce_time(prof, m.world_size, m.small_allreduces) for m in ref]
+    compute = sum(steps) / len(steps)
+    if not all(m.samples_per_step for m in ref):
+        return compute, None
+    return compute, sum(s / m.samples_per_step for s, m in zip(steps, ref)) / len(ref)
+
+
+def _scaling_kind(m: Measurement, fit: Sequence[Measurement], in_sample: bool) -> str:
+    """'fit', or for a held-out run 'strong' (the fitted runs' global batch on more ranks) or 'weak'."""
+    if in_sample:
+        return "fit"
+    smallest = min(f.world_size for f in fit)
+    ref = next(f for f in fit if f.world_size == smallest)
+    same_global = m.global_batch is not None and ref.global_batch is not None and m.global_batch == ref.global_batch
+    return "strong" if same_global and m.world_size != ref.world_size else "weak"
+
+
+def _point(prof: MachineProfile, m: Measurement, compute: float, in_sample: bool, scaling: str) -> dict[str, Any]:
+    # Only the per-step numbers are used: the epoch has the measured run's own number of steps.
+    pred = predict_point(prof, compute, m.grad_bytes, m.steps_per_epoch, 1, m.world_size, 1, None, m.small_allreduces)
+    pred_epoch = pred["step_s"] * m.steps_per_epoch
+    return {
+        "label": m.label,
+        "world_size": m.world_size,
+        "in_sample": in_sample,
+        "scaling": scaling,
+        "measured_epoch_s": m.epoch_time_s,
+        "predicted_epoch_s": pred_epoch,
+        "error_pct": 100.0 * (pred_epoch - m.epoch_time_s) / m.epoch_time_s,
+        "measured_comm_step_s": m.comm_s / m.steps_per_epoch,
+        "predicted_comm_step_s": pred["allreduce_s"] + (prof.cycle_ms * 1e-3 / 2 if m.world_size > 1 else 0.0),
+    }
+
+
+def calibrate(
+    profile: str | MachineProfile, measurements: Sequence[Measurement], fit_ranks: Iterable[int] | None = None
+) -> Calibration:
+    """Fit the profile's single-node latency and bandwidth, and the compute, to the runs at `fit_ranks`.
+
+    The unknowns are the latency `a` and the inverse bandwidth `1/B` of the ring in one node: each fitted run at
     p > 1 ranks gives `comm per step - cycle tail = calls * 2(p-1) * a + 2(p-1)/p * bytes / B`. With two or more
     independent points (e.g. 2 and 4 ranks) they are fitted by non-negative least squares; with only one shape
-    (e.g. only 2 ranks) the prior latency and bandwidth are scaled together by one ratio. Overlap is set to 0: the
-    measured comm is already the exposed part. The error is reported per measured point on the epoch time, with
-    compute per step the mean over the runs at the smallest world size (as a prediction from a 1-GPU run would).
+    (e.g. only 2 ranks) the prior latency and bandwidth are scaled together by one ratio; with no multi-rank run
+    fitted (`fit_ranks=(1,)`) the profile's own (measured) numbers stay. Overlap is set to 0: the measured comm is
+    already the exposed part. Compute per step (per sample when the batches are known, so that a strong-scaling
+    run's smaller per-rank batch is predicted too) is the mean over the fitted runs at their smallest world size.
+    Every run, fitted or not, then gets the predicted epoch time and its error; `summaries` keeps the in-sample and
+    the out-of-sample errors apart.
+
+    Args:
+        profile: the profile to fit (its latency and bandwidth are the prior).
+        measurements: real runs.
+        fit_ranks: world sizes to fit on (e.g. (1,)); None fits on every run.
 
     Raises:
-        ValueError: no measurements, or a run with more ranks than the profile has per node.
+        ValueError: no measurements, none at `fit_ranks`, or a run with more ranks than the profile has per node.
     """
-    prof = replace(get_profile(profile), overlap=0.0)
+    prof = derive(get_profile(profile), "assumption: calibration fits the exposed wait the loop times", overlap=0.0)
     if not measurements:
         raise ValueError("calibration needs at least one measured real run")
     for m in measurements:
@@ -529,53 +878,36 @@ def calibrate(profile: str | MachineProfile, measurements: Sequence[Measurement]
             )
         if m.steps_per_epoch <= 0:
             raise ValueError(f"run {m.label or '?'}: steps per epoch must be > 0, got {m.steps_per_epoch}")
-    multi = [m for m in measurements if m.world_size > 1]
-    method = "no multi-rank run: prior latency and bandwidth kept"
-    if multi:
-        rows, y = [], []
-        for m in multi:
-            p = m.world_size
-            calls = len(_buffers(m.grad_bytes, prof.fusion_mb, None)) or 1
-            rows.append([calls * 2.0 * (p - 1), 2.0 * (p - 1) / p * m.grad_bytes])
-            y.append(m.comm_s / m.steps_per_epoch - prof.cycle_ms * 1e-3 / 2)
-        a, yv = np.asarray(rows), np.asarray(y)
-        fit = _fit_nonneg(a, yv)
-        if fit is not None:
-            (lat_s, inv_bw), method = fit
-        else:
-            prior = np.array([prof.intra_latency_us * 1e-6, 1.0 / (prof.intra_bw_gbs * GB)])
-            # Clip at a tiny positive ratio: a zero would mean infinite bandwidth.
-            ratio = max(float(yv.sum()) / float((a @ prior).sum()), 1e-9)
-            lat_s, inv_bw = prior * ratio
-            method = f"ratio to the prior (x{ratio:.3g}; one world size cannot separate latency from bandwidth)"
-        bw = 1.0 / (inv_bw * GB) if inv_bw > 0 else math.inf  # the fit found no bandwidth term
-        prof = replace(
-            prof,
-            intra_latency_us=float(lat_s) * 1e6,
-            intra_bw_gbs=float(bw),
-            nic_bw_gbs=float(bw),
-            inter_latency_us=float(lat_s) * 1e6,
-        )
-    smallest = min(m.world_size for m in measurements)
-    ref = [m.compute_step_s for m in measurements if m.world_size == smallest]
-    compute = sum(ref) / len(ref)
+    ranks = tuple(sorted(set(fit_ranks))) if fit_ranks is not None else None
+    inside = [ranks is None or m.world_size in ranks for m in measurements]
+    fit = [m for m, i in zip(measurements, inside) if i]
+    if not fit:
+        found = sorted({m.world_size for m in measurements})
+        raise ValueError(f"no real run at the fit ranks {list(ranks or [])} (runs at {found} ranks)")
+    prof, method = _fit_comm(prof, [m for m in fit if m.world_size > 1])
+    compute, per_sample = _compute_reference(prof, fit)
     points = []
-    for m in measurements:
-        # Only the per-step numbers are used: the epoch has the measured run's own number of steps.
-        pred = predict_point(prof, compute, m.grad_bytes, m.steps_per_epoch, 1, m.world_size)
-        pred_epoch = pred["step_s"] * m.steps_per_epoch
-        points.append(
-            {
-                "label": m.label,
-                "world_size": m.world_size,
-                "measured_epoch_s": m.epoch_time_s,
-                "predicted_epoch_s": pred_epoch,
-                "error_pct": 100.0 * (pred_epoch - m.epoch_time_s) / m.epoch_time_s,
-                "measured_comm_step_s": m.comm_s / m.steps_per_epoch,
-                "predicted_comm_step_s": pred["exposed_comm_s"],
-            }
-        )
-    return Calibration(prof, method, compute, points)
+    for m, i in zip(measurements, inside):
+        c = per_sample * m.samples_per_step if per_sample is not None and m.samples_per_step else compute
+        points.append(_point(prof, m, c, i, _scaling_kind(m, fit, i)))
+    return Calibration(prof, method, compute, points, ranks, per_sample)
+
+
+def parse_ranks(text: str) -> tuple[int, ...] | None:
+    """'1' or '1,2' as a tuple of world sizes; 'all' as None (fit on every run).
+
+    Raises:
+        ValueError: not 'all' or a comma-separated list of positive integers.
+    """
+    if text.strip().lower() == "all":
+        return None
+    try:
+        ranks = tuple(int(r) for r in text.split(",") if r.strip())
+    except ValueError as e:
+        raise ValueError(f"fit ranks must be 'all' or world sizes like '1' or '1,2', got {text!r}") from e
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"fit ranks must be 'all' or world sizes >= 1 like '1' or '1,2', got {text!r}")
+    return ranks
 
 
 def profile_dict(profile: MachineProfile) -> dict[str, Any]:

@@ -27,7 +27,14 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from . import perfmodel
-from .runs import RunRecord, expand_run_dirs, grad_bytes_from_checkpoint, load_run, measurement
+from .runs import (
+    RunRecord,
+    expand_run_dirs,
+    grad_bytes_from_checkpoint,
+    load_run,
+    measurement,
+    small_allreduces_per_step,
+)
 
 __all__ = [
     "COLUMNS",
@@ -36,7 +43,9 @@ __all__ = [
     "Report",
     "build_rows",
     "format_markdown",
+    "inputs_from_runs",
     "make_report",
+    "model_check",
     "model_inputs",
     "plot_dice_relative",
     "plot_time_speedup",
@@ -78,6 +87,7 @@ class ModelInputs:
     batch_per_gpu: int
     accum: int
     measured_on: str | None  # profile the compute time was measured on; None: taken as on the target
+    small_allreduces: float = 0.0  # latency-bound collectives per step besides the gradients
     sources: dict[str, str] = field(default_factory=dict)
 
 
@@ -92,6 +102,8 @@ class Report:
     assumptions: list[str]
     files: list[Path]
     markdown: str
+    model_check: list[str] = field(default_factory=list)  # the calibration's errors, in and out of sample
+    calibration: perfmodel.Calibration | None = None
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -131,11 +143,7 @@ def model_inputs(
         if ref and ref[0].gpus > 1:
             sources["compute"] += f" (no 1-GPU run: taken from {ref[0].gpus}-GPU runs)"
     if grad_bytes is None:
-        for r in ref or real:
-            grad_bytes = r.grad_bytes if r.grad_bytes is not None else grad_bytes_from_checkpoint(r)
-            if grad_bytes is not None:
-                sources["grad_bytes"] = f"run {r.name} (summary/config grad_bytes or checkpoint parameters)"
-                break
+        grad_bytes, sources["grad_bytes"] = _grad_bytes(ref or real)
     else:
         sources["grad_bytes"] = "--grad-bytes"
     if samples is None:
@@ -164,42 +172,86 @@ def model_inputs(
             f"cannot predict: no value for {', '.join(missing)} in the run folders (real runs: {names}); pass "
             + " ".join(missing)
         )
-    return ModelInputs(float(compute), float(grad_bytes), float(samples), int(batch), accum, on, sources)
+    small = small_allreduces_per_step({**ref[0].config, **ref[0].summary}) if ref else 0.0
+    sources["small_allreduces"] = f"config of {names} (hvdtrain step flags, global-batch Dice)"
+    return ModelInputs(float(compute), float(grad_bytes), float(samples), int(batch), accum, on, small, sources)
+
+
+def _grad_bytes(runs: Sequence[RunRecord]) -> tuple[float | None, str]:
+    """Gradient bytes of the first run that records them (summary/config, else its checkpoint), and from where."""
+    for r in runs:
+        found = r.grad_bytes if r.grad_bytes is not None else grad_bytes_from_checkpoint(r)
+        if found is not None:
+            return found, f"run {r.name} (summary/config grad_bytes or checkpoint parameters)"
+    return None, "not found"
+
+
+def model_check(
+    runs: Sequence[RunRecord], grad_bytes: float | None = None, fit_ranks: Sequence[int] | None = (1,)
+) -> tuple[perfmodel.Calibration | None, list[str]]:
+    """Calibrate cpu_this_machine on the real runs at `fit_ranks` and predict every real run's epoch time.
+
+    Returns the calibration (None when it cannot be made) and its lines: fitted numbers, the error per run, the
+    in-sample error and the out-of-sample error against the 15% target.
+    """
+    real = [r for r in runs if r.kind == "real" and r.epoch_time_s is not None and r.comm_s is not None]
+    real = [r for r in real if r.steps_per_epoch]
+    if not real:
+        return None, ["model check: no real run with train time_s, comm_s and samples in metrics.jsonl"]
+    if grad_bytes is None:
+        grad_bytes = _grad_bytes(real)[0]
+    if grad_bytes is None:
+        return None, ["model check: no gradient bytes in the runs (pass --grad-bytes)"]
+    try:
+        cal = perfmodel.calibrate("cpu_this_machine", [measurement(r, grad_bytes) for r in real], fit_ranks)
+    except ValueError as e:
+        return None, [f"model check: {e}"]
+    return cal, cal.lines()
+
+
+def inputs_from_runs(
+    run_dirs: Sequence[str | Path],
+    fit_ranks: Sequence[int] | None = None,
+    step_time: float | None = None,
+    grad_bytes: float | None = None,
+    samples: float | None = None,
+    batch: int | None = None,
+) -> tuple[ModelInputs, perfmodel.Calibration | None, list[str]]:
+    """Prediction inputs and the calibrated CPU profile from run folders (what `make_report` uses, for one job).
+
+    Returns the inputs (each overridable), the calibration on the real runs at `fit_ranks` (None: all) and its lines.
+
+    Raises:
+        RunFolderError, ValueError: as `load_run` and `model_inputs`.
+    """
+    paths = expand_run_dirs(list(run_dirs))
+    if not paths:
+        raise ValueError("no run folders given")
+    runs = [load_run(p) for p in paths]
+    inputs = model_inputs(runs, step_time, grad_bytes, samples, batch)
+    cal, lines = model_check(runs, inputs.grad_bytes, fit_ranks)
+    return inputs, cal, lines
 
 
 def _predict(
-    profile_name: str, inputs: ModelInputs, runs: Sequence[RunRecord], gpus: Sequence[int]
+    profile_name: str, inputs: ModelInputs, gpus: Sequence[int], cal: perfmodel.Calibration | None
 ) -> tuple[list[dict[str, Any]], list[str]]:
     profile = perfmodel.get_profile(profile_name)
     lines: list[str] = []
     measured_on = inputs.measured_on
     if profile.name == "cpu_this_machine":
         # This machine's own terms come from its measured real runs; its compute needs no scaling.
-        real = [r for r in runs if r.kind == "real" and r.epoch_time_s is not None and r.comm_s is not None]
-        if real:
-            cal = perfmodel.calibrate(profile, [measurement(r, inputs.grad_bytes) for r in real])
-            profile, lines = cal.profile, cal.lines()
+        if cal is not None:
+            profile = cal.profile
+            lines = [f"  latency and bandwidth: {cal.method} (see the model check)"]
         if measured_on == "cpu_this_machine":
             measured_on = None
+    args = (inputs.compute_step_s, inputs.grad_bytes, inputs.samples_per_epoch, inputs.batch_per_gpu)
     table = perfmodel.predict_table(
-        profile,
-        inputs.compute_step_s,
-        inputs.grad_bytes,
-        inputs.samples_per_epoch,
-        inputs.batch_per_gpu,
-        gpus,
-        inputs.accum,
-        measured_on,
+        profile, *args, gpus, inputs.accum, measured_on, small_allreduces=inputs.small_allreduces
     )
-    assumptions = perfmodel.assumption_lines(
-        profile,
-        inputs.compute_step_s,
-        inputs.grad_bytes,
-        inputs.samples_per_epoch,
-        inputs.batch_per_gpu,
-        inputs.accum,
-        measured_on,
-    )
+    assumptions = perfmodel.assumption_lines(profile, *args, inputs.accum, measured_on)
+    assumptions.append(f"small collectives per step besides the gradients: {inputs.small_allreduces:g}")
     assumptions += [f"  source of {k}: {v}" for k, v in inputs.sources.items()] + lines
     return table, assumptions
 
@@ -412,61 +464,17 @@ def plot_dice_relative(rows: Sequence[dict[str, Any]], path: str | Path, metric:
     return Path(path)
 
 
-def make_report(
-    run_dirs: Sequence[str | Path],
-    out_dir: str | Path,
-    predict: Sequence[str] = (),
-    target_dice: float | None = None,
-    metric: str = "dice",
-    step_time: float | None = None,
-    grad_bytes: float | None = None,
-    samples: float | None = None,
-    batch: int | None = None,
-    measured_on: str = "cpu_this_machine",
-    gpus: Sequence[int] = perfmodel.DEFAULT_GPUS,
-    echo: Callable[[str], None] | None = print,
-) -> Report:
-    """Read the run folders, predict with each profile in `predict`, write the table and plots under `out_dir`.
-
-    Args:
-        run_dirs: run folders, or folders whose direct subfolders are run folders.
-        out_dir: where scaling.md, scaling.csv and the PNGs go (created).
-        predict: profile names or YAML/JSON files; cpu_this_machine is calibrated against the real runs.
-        target_dice: the Dice for "epochs to target"; default 0.95 x the 1-GPU best Dice.
-        metric: validation key reported as Dice.
-        step_time, grad_bytes, samples, batch: override the prediction inputs taken from the real 1-GPU run.
-        measured_on: the profile the runs' compute time was measured on (used to scale it to other GPUs).
-        gpus: GPU counts to predict.
-        echo: where the table and assumptions are printed (None: silent).
-
-    Raises:
-        RunFolderError: a run folder or its summary.json/metrics.jsonl is missing.
-        ValueError: bad run files, no run folders, or prediction inputs that cannot be found.
-    """
-    paths = expand_run_dirs(list(run_dirs))
-    if not paths:
-        raise ValueError("no run folders given")
-    runs = [load_run(p, metric) for p in paths]
-    predictions: dict[str, list[dict[str, Any]]] = {}
-    assumptions: list[str] = []
-    if predict:
-        inputs = model_inputs(runs, step_time, grad_bytes, samples, batch, measured_on)
-        for name in predict:
-            table, lines = _predict(name, inputs, runs, gpus)
-            label = perfmodel.get_profile(name).name
-            predictions[label] = table
-            assumptions += lines + [""]
-    rows, target, base_dice, base_time = build_rows(runs, predictions, target_dice)
-    headline = [
-        f"predicted efficiency at {t[-1]['gpus']} GPUs on {name}: {t[-1]['efficiency']:.1%}"
-        for name, t in predictions.items()
-    ]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _markdown(
+    runs: Sequence[RunRecord],
+    table: str,
+    target_text: str,
+    how: str,
+    headline: Sequence[str],
+    check: Sequence[str],
+    assumptions: Sequence[str],
+) -> str:
+    """scaling.md: the table, the headline numbers, the definitions, the model check and the assumptions."""
     shown = sorted({r.metric for r in runs})
-    table = format_markdown(rows)
-    target_text = f"{target:.4f}" if target is not None else "none (no 1-GPU run and no --target-dice)"
-    how = "given" if target_dice is not None else "0.95 x the 1-GPU best"
     md = [
         "# Scaling report",
         "",
@@ -487,16 +495,91 @@ def make_report(
         "",
         "![Dice relative to 1 GPU](dice_relative.png)",
     ]
+    if check:
+        md += ["", "## Model check: the CPU model fitted on some real runs, predicting the others", "", "```"]
+        md += [*check, "```"]
     if assumptions:
         md += ["", "## Prediction assumptions", "", "```", *assumptions, "```"]
-    markdown = "\n".join(md) + "\n"
+    return "\n".join(md) + "\n"
+
+
+def _headline(predictions: dict[str, list[dict[str, Any]]], cal: perfmodel.Calibration | None) -> list[str]:
+    """The report's summary lines: the out-of-sample error, then each profile's efficiency at the most GPUs."""
+    lines = [ln for ln in cal.summary_lines() if ln.startswith("out-of-sample")] if cal is not None else []
+    return lines + [
+        f"predicted efficiency at {t[-1]['gpus']} GPUs on {name}: {t[-1]['efficiency']:.1%}"
+        for name, t in predictions.items()
+    ]
+
+
+def _write(out: Path, rows: Sequence[dict[str, Any]], runs: Sequence[RunRecord], markdown: str) -> list[Path]:
+    """scaling.md, scaling.csv and the two plots under `out` (created)."""
+    out.mkdir(parents=True, exist_ok=True)
     files = [out / "scaling.md", write_csv(rows, out / "scaling.csv")]
     files[0].write_text(markdown)
     files.append(plot_time_speedup(rows, out / "time_speedup.png"))
+    shown = sorted({r.metric for r in runs})
     files.append(plot_dice_relative(rows, out / "dice_relative.png", "Dice" if shown == ["dice"] else shown[0]))
+    return files
+
+
+def make_report(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    predict: Sequence[str] = (),
+    target_dice: float | None = None,
+    metric: str = "dice",
+    step_time: float | None = None,
+    grad_bytes: float | None = None,
+    samples: float | None = None,
+    batch: int | None = None,
+    measured_on: str = "cpu_this_machine",
+    gpus: Sequence[int] = perfmodel.DEFAULT_GPUS,
+    fit_ranks: Sequence[int] | None = (1,),
+    echo: Callable[[str], None] | None = print,
+) -> Report:
+    """Read the run folders, check and predict with each profile in `predict`, write the table and plots.
+
+    Args:
+        run_dirs: run folders, or folders whose direct subfolders are run folders.
+        out_dir: where scaling.md, scaling.csv and the PNGs go (created).
+        predict: profile names or YAML/JSON files; cpu_this_machine takes the model check's calibration.
+        target_dice: the Dice for "epochs to target"; default 0.95 x the 1-GPU best Dice.
+        metric: validation key reported as Dice.
+        step_time, grad_bytes, samples, batch: override the prediction inputs taken from the real 1-GPU run.
+        measured_on: the profile the runs' compute time was measured on (used to scale it to other GPUs).
+        gpus: GPU counts to predict.
+        fit_ranks: world sizes of the real runs the CPU model is fitted on (None: all); the other real runs are
+            predicted out of sample.
+        echo: where the table and assumptions are printed (None: silent).
+
+    Raises:
+        RunFolderError: a run folder or its summary.json/metrics.jsonl is missing.
+        ValueError: bad run files, no run folders, or prediction inputs that cannot be found.
+    """
+    paths = expand_run_dirs(list(run_dirs))
+    if not paths:
+        raise ValueError("no run folders given")
+    runs = [load_run(p, metric) for p in paths]
+    cal, check = model_check(runs, grad_bytes, fit_ranks)
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    assumptions: list[str] = []
+    if predict:
+        inputs = model_inputs(runs, step_time, grad_bytes, samples, batch, measured_on)
+        for name in predict:
+            table, lines = _predict(name, inputs, gpus, cal)
+            predictions[perfmodel.get_profile(name).name] = table
+            assumptions += lines + [""]
+    rows, target, base_dice, base_time = build_rows(runs, predictions, target_dice)
+    headline = _headline(predictions, cal)
+    out = Path(out_dir)
+    table = format_markdown(rows)
+    target_text = f"{target:.4f}" if target is not None else "none (no 1-GPU run and no --target-dice)"
+    how = "given" if target_dice is not None else "0.95 x the 1-GPU best"
+    markdown = _markdown(runs, table, target_text, how, headline, check, assumptions)
+    files = _write(out, rows, runs, markdown)
     if echo is not None:
-        echo(table)
-        if assumptions:
-            echo("\n".join(["", "assumptions:", *assumptions, *headline]))
+        assumed = ["", "assumptions:", *assumptions] if assumptions else []
+        echo("\n".join([table, "", "model check:", *check, *assumed, "", *headline]))
         echo(f"target Dice {target_text}; wrote {', '.join(str(f) for f in files)}")
-    return Report(rows, target, base_dice, base_time, assumptions, files, markdown)
+    return Report(rows, target, base_dice, base_time, assumptions, files, markdown, check, cal)

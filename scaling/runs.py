@@ -10,7 +10,15 @@ from typing import Any
 
 from .perfmodel import Measurement
 
-__all__ = ["RunFolderError", "RunRecord", "expand_run_dirs", "grad_bytes_from_checkpoint", "load_run", "measurement"]
+__all__ = [
+    "RunFolderError",
+    "RunRecord",
+    "expand_run_dirs",
+    "grad_bytes_from_checkpoint",
+    "load_run",
+    "measurement",
+    "small_allreduces_per_step",
+]
 
 _RUN_FILES = ("summary.json", "metrics.jsonl", "config.json")
 _NOT_GRADIENTS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm buffers in the state dict
@@ -204,6 +212,21 @@ def grad_bytes_from_checkpoint(run: RunRecord) -> float | None:
     return None
 
 
+def small_allreduces_per_step(config: dict[str, Any]) -> float:
+    """Latency-bound collectives per optimizer step besides the gradients, from a run's config.
+
+    hvdtrain.loop.step_flags allreduces the preemption/NaN flags once per step; with a global-batch Dice
+    (`batch_dice` and `global_dice`, segmentation.losses) every micro-batch sums tp/fp/fn over the ranks in forward
+    and again in backward, once per loss head (1 + the lower decoder levels with `deep_supervision`).
+    """
+    n = 1.0
+    if config.get("batch_dice") and config.get("global_dice"):
+        heads = int(config.get("depth", 1) or 1) if config.get("deep_supervision") else 1
+        micro = int(config.get("accum", 1) or 1) * int(config.get("simulate_gpus", 1) or 1)
+        n += 2.0 * heads * micro
+    return n
+
+
 def measurement(run: RunRecord, grad_bytes: float) -> Measurement:
     """The calibration input of a real run.
 
@@ -214,4 +237,13 @@ def measurement(run: RunRecord, grad_bytes: float) -> Measurement:
         raise ValueError(f"run folder {run.path}: a simulated run's timing does not measure communication")
     if run.epoch_time_s is None or run.comm_s is None or not run.steps_per_epoch:
         raise ValueError(f"run folder {run.path}: metrics.jsonl has no train time_s/comm_s/samples to calibrate with")
-    return Measurement(run.world_size, run.steps_per_epoch, run.epoch_time_s, run.comm_s, grad_bytes, run.name)
+    return Measurement(
+        run.world_size,
+        run.steps_per_epoch,
+        run.epoch_time_s,
+        run.comm_s,
+        grad_bytes,
+        run.name,
+        samples_per_step=run.batch_size_per_gpu * run.accum or None,
+        small_allreduces=small_allreduces_per_step({**run.config, **run.summary}),
+    )

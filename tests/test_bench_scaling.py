@@ -43,6 +43,8 @@ def test_quick_table_has_every_count_real_and_simulated(quick):
         assert 0.0 <= r["best_dice"] <= 1.0
     assert rows[(1, "real")]["dice_rel"] == pytest.approx(1.0)
     assert "bar: every simulated count keeps >= 98%" in stdout
+    assert "model: out-of-sample error (fit on 1 rank, predicting 2 ranks): " in stdout
+    assert summary["model_check"] and "15% target" in summary["model_check"][0]
     for gpus, mode in kinds:
         assert any(line.split("|")[:2] == [f"{gpus:>4} ", f" {mode:<9} "] for line in stdout.splitlines())
 
@@ -71,3 +73,10 @@ def test_verdict():
     assert not met and "below at 64" in how
     rows[2]["dice_rel"] = 0.985
     assert bench_scaling.verdict(rows)[0]
+
+
+def test_model_check_lines_from_the_report():
+    line = "out-of-sample error (fit on 1 rank, predicting 2 ranks): -7.1%, within the 15% target"
+    md = f"# Scaling report\n\n**{line}**\n**predicted efficiency at 64 GPUs on study_p100_edr: 50.0%**\n"
+    assert bench_scaling.model_check_lines(md) == [line]
+    assert bench_scaling.model_check_lines("# Scaling report\n") == []

@@ -119,13 +119,23 @@ def test_compute_scaled_by_relative_throughput():
     assert rows[0]["compute_s"] == pytest.approx(2.0 * 0.01 / 10.0)
 
 
-def _measurements(lat_us: float, bw_gbs: float, worlds, grad=4e6, steps=50, compute=0.2, cycle_ms=1.0):
+def _measurements(lat_us: float, bw_gbs: float, worlds, grad=4e6, steps=50, compute=0.2, cycle_ms=0.2):
     out = []
     for p in worlds:
         comm_step = 0.0 if p == 1 else 2 * (p - 1) * lat_us * 1e-6 + 2 * (p - 1) / p * grad / (bw_gbs * 1e9)
         comm_step += cycle_ms * 1e-3 / 2 if p > 1 else 0.0
         out.append(pm.Measurement(p, steps, steps * (compute + comm_step), steps * comm_step, grad, f"np{p}"))
     return out
+
+
+def _run(p: int, batch: int, lat_us: float, bw_gbs: float, small: int = 0, per_sample=0.01, grad=4e6, samples=400):
+    """A real run on a known machine (cycle 0.2 ms as the CPU profile): compute = per_sample x per-rank batch."""
+    tail = 0.1e-3 if p > 1 else 0.0  # half the 0.2 ms cycle
+    comm = (2 * (p - 1) * lat_us * 1e-6 + 2 * (p - 1) / p * grad / (bw_gbs * 1e9) + tail) if p > 1 else 0.0
+    small_s = small * (2 * (p - 1) * lat_us * 1e-6 + tail) if p > 1 else 0.0  # inside the compute the loop measures
+    steps = samples / (batch * p)
+    epoch = steps * (per_sample * batch + small_s + comm)
+    return pm.Measurement(p, steps, epoch, steps * comm, grad, f"np{p}-b{batch}", batch, small)
 
 
 def test_calibration_recovers_latency_and_bandwidth():
@@ -147,11 +157,171 @@ def test_calibration_with_one_world_size_uses_a_ratio_and_fits_that_point():
     assert cal.method.startswith("ratio")
     two = next(pt for pt in cal.points if pt["world_size"] == 2)
     assert two["error_pct"] == pytest.approx(0.0, abs=1e-9)
-    assert pm.calibrate("cpu_this_machine", _measurements(1, 1, [1])).method.startswith("no multi-rank")
+    assert pm.calibrate("cpu_this_machine", _measurements(1, 1, [1])).method.startswith("no multi-rank run fitted")
     with pytest.raises(ValueError, match="at least one"):
         pm.calibrate("cpu_this_machine", [])
     with pytest.raises(ValueError, match="per node"):
         pm.calibrate("study_p100_edr", _measurements(10, 10, [8]))
+
+
+@pytest.mark.parametrize("name", sorted(pm.PROFILES))
+def test_every_number_of_every_profile_has_a_source(name):
+    prof = pm.PROFILES[name]
+    assert set(pm.SOURCED_FIELDS) >= {"relative_throughput", "gpus_per_node", "intra_bw_gbs", "inter_latency_us"}
+    assert pm.missing_sources(prof) == []
+    for field_name in pm.SOURCED_FIELDS:
+        assert len(prof.sources[field_name].strip()) > 10, field_name
+    text = "\n".join(pm.source_lines(prof))
+    assert "NO SOURCE GIVEN" not in text and f"gpus_per_node = {prof.gpus_per_node}:" in text
+
+
+def test_cpu_profile_numbers_are_the_measured_allreduce():
+    cpu = pm.PROFILES["cpu_this_machine"]
+    for field_name in ("intra_bw_gbs", "intra_latency_us"):
+        assert cpu.sources[field_name].startswith("measured: `python -m jobs.bench_allreduce --repeats 2`")
+    # bench_allreduce's 2-rank figures come back: 1 KiB in 615 us (with the cycle tail), 16 and 64 MiB within 3%.
+    tiny = pm.predict_point(cpu, 1.0, 1024, 1, 1, 2)
+    assert tiny["exposed_comm_s"] == pytest.approx(615e-6, rel=0.01)
+    for mib, busbw in ((16, 3.722), (64, 3.997)):
+        t = pm.allreduce_time(mib * pm.MB, 2, cpu)[0]
+        assert mib * pm.MB / t / 1e9 == pytest.approx(busbw, rel=0.03)  # bus bandwidth at 2 ranks = n / t
+    assert pm.PROFILES["modern_h100_ndr"].sources["gpus_per_node"].startswith("NVIDIA DGX H100 user guide")
+
+
+def test_sources_follow_changes():
+    base = pm.PROFILES["study_p100_edr"]
+    changed = pm.derive(base, "measured: a test", nic_bw_gbs=5.0, name="x")
+    assert changed.sources["nic_bw_gbs"] == "measured: a test" and changed.nic_bw_gbs == 5.0
+    assert changed.sources["gpus_per_node"] == base.sources["gpus_per_node"]
+    assert base.sources["nic_bw_gbs"] != "measured: a test"  # the named profile is untouched
+    with pytest.raises(ValueError, match=r"sources name fields.*\['gpu'\]"):
+        replace(base, sources={"gpu": "datasheet"})
+    assert pm.missing_sources(TOY) == list(pm.SOURCED_FIELDS)
+
+
+def test_fit_on_one_rank_predicts_two_ranks_out_of_sample_hand_computed():
+    # True machine: 300 us per ring step, 2 GB/s, 10 ms of compute per sample, 3 small collectives per step.
+    runs = [_run(1, 2, 300.0, 2.0, 3), _run(2, 2, 300.0, 2.0, 3), _run(2, 1, 300.0, 2.0, 3)]
+    cal = pm.calibrate("cpu_this_machine", runs, fit_ranks=(1,))
+    # Nothing multi-rank is fitted: the profile keeps bench_allreduce's 258 us and 4.1 GB/s.
+    assert cal.method.startswith("no multi-rank run fitted") and cal.fit_ranks == (1,)
+    assert cal.profile.intra_latency_us == 258.0 and cal.profile.intra_bw_gbs == 4.1
+    assert cal.compute_step_s == pytest.approx(0.02) and cal.compute_per_sample_s == pytest.approx(0.01)
+    one, weak, strong = cal.points
+    assert (one["in_sample"], weak["in_sample"], strong["in_sample"]) == (True, False, False)
+    assert (one["scaling"], weak["scaling"], strong["scaling"]) == ("fit", "weak", "strong")
+    assert one["error_pct"] == pytest.approx(0.0, abs=1e-9)
+    # Per step at 2 ranks. Measured: compute + 3 x (2 x 300 us + 0.1 ms) + 2 x 300 us + 4e6 B / 2 GB/s + 0.1 ms.
+    # Predicted: compute + 3 x (2 x 258 us + 0.1 ms) + 2 x 258 us + 4e6 B / 4.1 GB/s + 0.1 ms.
+    for pt, compute in ((weak, 0.02), (strong, 0.01)):
+        measured = compute + 3 * 0.7e-3 + 0.6e-3 + 2e-3 + 0.1e-3
+        predicted = compute + 3 * 0.616e-3 + 0.516e-3 + 4e6 / 4.1e9 + 0.1e-3
+        assert pt["error_pct"] == pytest.approx(100 * (predicted - measured) / measured, rel=1e-9)
+    assert weak["error_pct"] == pytest.approx(-5.486, abs=1e-3) and strong["error_pct"] == pytest.approx(
+        -9.192, abs=1e-3
+    )
+    summaries = cal.summaries()
+    assert [(s["in_sample"], s["scaling"], s["ranks"]) for s in summaries] == [
+        (True, "fit", [1]),
+        (False, "strong", [2]),
+        (False, "weak", [2]),
+    ]
+    lines = cal.summary_lines()
+    assert "in-sample error (fit on 1 rank): +0.0%" in lines
+    assert "out-of-sample error (fit on 1 rank, predicting 2 ranks): -5.5%, within the 15% target" in lines
+    assert (
+        "out-of-sample error (fit on 1 rank, predicting 2 ranks, strong scaling): -9.2%, within the 15% target" in lines
+    )
+    assert any("np2-b1 (2 rank(s), held out, strong scaling)" in line for line in cal.lines())
+
+
+def test_out_of_sample_error_outside_the_target_and_fit_choices():
+    slow = [_run(1, 2, 3000.0, 0.5), _run(2, 2, 3000.0, 0.5), _run(2, 2, 3000.0, 0.5)]
+    cal = pm.calibrate("cpu_this_machine", slow, fit_ranks=[1])
+    out = [s for s in cal.summaries() if not s["in_sample"]]
+    assert len(out) == 1 and out[0]["runs"] == 2 and not out[0]["within_target"]
+    assert any(
+        line.endswith("NOT within the 15% target") and "(largest of 2 runs)" in line for line in cal.summary_lines()
+    )
+    # Fitted on every run, the 2-rank runs are in sample: the ratio fit then matches them exactly.
+    every = pm.calibrate("cpu_this_machine", slow)
+    assert every.fit_ranks is None and all(pt["in_sample"] for pt in every.points)
+    assert "out-of-sample error: no real run outside the fitted ones (all runs) to predict" in every.summary_lines()
+    assert all(abs(pt["error_pct"]) < 1e-6 for pt in every.points)
+    with pytest.raises(ValueError, match=r"no real run at the fit ranks \[4\] \(runs at \[1, 2\] ranks\)"):
+        pm.calibrate("cpu_this_machine", slow, fit_ranks=(4,))
+    assert pm.parse_ranks("1") == (1,) and pm.parse_ranks("1, 2") == (1, 2) and pm.parse_ranks("all") is None
+    for bad in ("", "0", "one"):
+        with pytest.raises(ValueError, match="fit ranks"):
+            pm.parse_ranks(bad)
+
+
+def test_small_collectives_cost_latency_and_half_a_cycle_each():
+    cpu = pm.PROFILES["cpu_this_machine"]
+    assert pm.small_allreduce_time(cpu, 1, 5) == 0.0
+    assert pm.small_allreduce_time(cpu, 2, 3) == pytest.approx(3 * (2 * 258e-6 + 0.1e-3))
+    with_small = pm.predict_point(cpu, 0.01, 4e6, 100, 2, 2, small_allreduces=3)
+    without = pm.predict_point(cpu, 0.01, 4e6, 100, 2, 2)
+    assert with_small["step_s"] - without["step_s"] == pytest.approx(with_small["small_allreduce_s"])
+
+
+def test_strong_split_per_gpu_batch_and_accumulation():
+    assert pm.strong_split(64, 8) == (8, 8, 1)
+    assert pm.strong_split(64, 1, 16) == (64, 16, 4)
+    assert pm.strong_split(64, 4, 5) == (16, 5, 4)  # 5 + 5 + 5 + 1
+    assert pm.strong_split(14, 2, 4) == (7, 4, 2)  # 4 + 3
+    assert pm.strong_split(64, 64, 4) == (1, 1, 1)
+    with pytest.raises(ValueError, match="global batch 10 does not split evenly over 4 GPUs"):
+        pm.strong_split(10, 4)
+    with pytest.raises(ValueError, match=">= 1"):
+        pm.strong_split(8, 2, 0)
+
+
+def test_strong_scaling_compute_shrinks_as_1_over_n_and_comm_does_not():
+    # TOY: no cycle, no overlap. Global batch 64, 10 ms per sample, 1e8 B of gradients, 1024 samples = 16 steps.
+    rows = pm.predict_strong_table(TOY, 0.01, 1e8, 1024, 64, gpus=[1, 2, 4, 8])
+    assert [r["scaling"] for r in rows] == ["strong"] * 4
+    assert [(r["batch_per_gpu"], r["micro_batch"], r["accum"]) for r in rows] == [
+        (64, 64, 1),
+        (32, 32, 1),
+        (16, 16, 1),
+        (8, 8, 1),
+    ]
+    assert [r["global_batch"] for r in rows] == [64] * 4
+    assert [r["steps_per_epoch"] for r in rows] == pytest.approx([16] * 4)
+    assert [r["compute_s"] for r in rows] == pytest.approx([0.64, 0.32, 0.16, 0.08])
+    # The allreduce of the same 1e8 B grows with N: 2(p-1)/p x 1e8 / 1e10 + 2(p-1) x latency (8 GPUs: 2 nodes, flat).
+    comm = [0.0, 0.01 + 2 * 5e-6, 0.015 + 6 * 5e-6, 0.0175 + 14 * 10e-6]
+    assert [r["allreduce_s"] for r in rows] == pytest.approx(comm)
+    epochs = [16 * (c + a) for c, a in zip([0.64, 0.32, 0.16, 0.08], comm)]
+    assert [r["epoch_s"] for r in rows] == pytest.approx(epochs)
+    assert [r["speedup"] for r in rows] == pytest.approx([10.24 / e for e in epochs])
+    assert rows[3]["efficiency"] == pytest.approx(10.24 / epochs[3] / 8)  # 10.24 / 1.56224 / 8 = 81.9%
+    assert rows[3]["efficiency"] == pytest.approx(0.8193, abs=1e-4)
+    # Weak scaling on the same numbers keeps the per-GPU compute and so does better.
+    weak = pm.predict_table(TOY, 0.64, 1e8, 1024, 64, gpus=[8])[0]
+    assert weak["efficiency"] > rows[3]["efficiency"] and weak["scaling"] == "weak"
+
+
+def test_strong_scaling_with_a_memory_cap_accumulates():
+    # 64 per step on 1 GPU in 4 micro-batches of 16; on 2 GPUs 32 each in 2 of 16. Compute stays linear in samples.
+    rows = pm.predict_strong_table(TOY, 0.01, 0.0, 640, 64, gpus=[1, 2, 4], max_batch_per_gpu=16)
+    assert [(r["batch_per_gpu"], r["micro_batch"], r["accum"]) for r in rows] == [(64, 16, 4), (32, 16, 2), (16, 16, 1)]
+    assert [r["compute_s"] for r in rows] == pytest.approx([0.64, 0.32, 0.16])
+    assert [r["efficiency"] for r in rows] == pytest.approx([1.0, 1.0, 1.0])  # nothing to allreduce
+    # Overlap hides comm behind the last micro-batch's backward only: accumulation leaves less to hide behind.
+    prof = replace(TOY, overlap=1.0)
+    capped = pm.predict_strong_table(prof, 0.01, 1e9, 640, 64, gpus=[2], max_batch_per_gpu=4)[0]
+    whole = pm.predict_strong_table(prof, 0.01, 1e9, 640, 64, gpus=[2])[0]
+    assert capped["accum"] == 8 and whole["accum"] == 1
+    # 0.32 s of compute; the allreduce, 1e9 / 1e10 s + 8 fusion buffers x 2 x 5 us, hides behind 2/3 of it, or
+    # behind 2/3 of the last of 8 micro-batches.
+    assert whole["exposed_comm_s"] == pytest.approx(0.0)
+    assert capped["exposed_comm_s"] == pytest.approx(0.1 + 8e-5 - 2 / 3 * 0.32 / 8)
+    with pytest.raises(ValueError, match="does not split evenly over 3 GPUs"):
+        pm.predict_strong_table(TOY, 0.01, 0.0, 640, 64, gpus=[3])
+    table = pm.format_prediction(rows)
+    assert "| per-GPU batch | micro x accum |" in table and "| 64 | 16 x 4 |" in table
 
 
 def test_profiles_by_name_and_from_files(tmp_path):
@@ -162,6 +332,11 @@ def test_profiles_by_name_and_from_files(tmp_path):
     y.write_text("base: modern_h100_ndr\nnic_bw_gbs: 22.5\nnics_per_node: 4\n")
     prof = pm.get_profile(y)
     assert (prof.name, prof.nic_bw_gbs, prof.gpus_per_node) == ("mine", 22.5, 8)
+    assert prof.sources["nic_bw_gbs"] == f"given in {y}"
+    assert prof.sources["gpus_per_node"] == pm.PROFILES["modern_h100_ndr"].sources["gpus_per_node"]
+    cited = tmp_path / "cited.yaml"
+    cited.write_text("base: modern_h100_ndr\noverlap: 0.9\nsources:\n  overlap: 'measured: a timeline'\n")
+    assert pm.get_profile(cited).sources["overlap"] == "measured: a timeline"
     j = tmp_path / "full.json"
     j.write_text(json.dumps({**pm.profile_dict(pm.PROFILES["study_p100_edr"]), "name": "j"}))
     assert pm.get_profile(j).name == "j"
@@ -193,6 +368,9 @@ def test_predict_cli_prints_assumptions_and_64_gpu_efficiency(capsys):
     assert predict_scaling.main(args) == 0
     out = capsys.readouterr().out
     assert "100 Gb/s EDR" in out and "fusion buffer 64 MiB" in out
+    assert "sources:" in out and "cycle_ms = 5: Horovod operations.cc before 0.20" in out
+    assert predict_scaling.main([*args, "--overlap", "0.2"]) == 0
+    assert "overlap = 0.2: command line: --overlap 0.2" in capsys.readouterr().out
     assert "predicted efficiency at 64 GPUs on study_p100_edr" in out
     assert predict_scaling.main([*args, "--json", "--overlap", "0", "--gpus", "1,64"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -201,3 +379,31 @@ def test_predict_cli_prints_assumptions_and_64_gpu_efficiency(capsys):
     assert "overlap" in capsys.readouterr().err
     assert predict_scaling.main(["--profile", "nope", *args[2:]]) == 2
     assert math.isfinite(rows[1]["epoch_s"])
+    assert predict_scaling.main(args[:4]) == 2
+    assert "pass --grad-bytes, --samples, --batch (or --calibrate-from RUN_DIR..." in capsys.readouterr().err
+
+
+def test_predict_cli_strong_scaling_beside_weak(capsys):
+    args = ["--profile", "study_p100_edr", "--step-time", "0.5", "--grad-bytes", "7.6e7", "--samples", "800"]
+    args += ["--batch", "2", "--gpus", "1,2,4,8,16"]
+    assert predict_scaling.main([*args, "--global-batch", "16", "--max-batch-per-gpu", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "weak scaling (per-GPU batch fixed):" in out and "strong scaling (global batch 16 fixed):" in out
+    assert "micro-batches of at most 4, the rest by gradient accumulation" in out
+    assert "predicted efficiency at 16 GPUs on study_p100_edr:" in out and "(strong, global batch 16)" in out
+    assert predict_scaling.main([*args, "--global-batch", "16", "--max-batch-per-gpu", "4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    strong = [r for r in rows if r["scaling"] == "strong"]
+    assert [r["gpus"] for r in strong] == [1, 2, 4, 8, 16]
+    assert [(r["batch_per_gpu"], r["micro_batch"], r["accum"]) for r in strong] == [
+        (16, 4, 4),
+        (8, 4, 2),
+        (4, 4, 1),
+        (2, 2, 1),
+        (1, 1, 1),
+    ]
+    # 0.5 s per step of 2 samples: 0.25 s per sample, times 16 / N.
+    assert [r["compute_s"] for r in strong] == pytest.approx([4.0, 2.0, 1.0, 0.5, 0.25])
+    assert all(r["steps_per_epoch"] == pytest.approx(50) for r in strong)
+    assert predict_scaling.main([*args, "--global-batch", "12"]) == 2
+    assert "global batch 12 does not split evenly over 8 GPUs" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import scaling_report
+from jobs import predict_scaling, scaling_report
 from scaling.report import make_report
 from scaling.runs import RunFolderError, grad_bytes_from_checkpoint, load_run
 
@@ -138,18 +138,75 @@ def test_explicit_target_and_epochs(runs: Path, tmp_path: Path):
 def test_report_with_predictions_and_calibration(runs: Path, tmp_path: Path):
     # Add a real 4-rank run so the CPU profile is fitted by least squares.
     make_run(runs, "real_np4", 4, epoch_time=3.6, comm=0.6, best=0.8)
-    rep = make_report([runs], tmp_path / "p", predict=["study_p100_edr", "cpu_this_machine"], echo=None)
+    rep = make_report([runs], tmp_path / "p", predict=["study_p100_edr", "cpu_this_machine"], fit_ranks=None, echo=None)
     pred = [r for r in rep.rows if r["kind"] == "predicted"]
     assert sorted({r["source"] for r in pred}) == ["cpu_this_machine", "study_p100_edr"]
     assert len(pred) == 14
     for r in pred:
         assert 0 < r["efficiency"] <= 1.0 and r["speedup"] == pytest.approx(r["efficiency"] * r["gpus"])
     text = "\n".join(rep.assumptions)
-    assert "calibration of cpu_this_machine (least squares)" in text and "error" in text
+    assert "calibration of cpu_this_machine on all runs (least squares)" in "\n".join(rep.model_check)
+    assert "latency and bandwidth: least squares (see the model check)" in text
+    assert "intra_latency_us = " in text and "measured: fitted to the allreduce wait of real run(s)" in text
     assert "100 Gb/s EDR" in text and "scaled by relative throughput" in text
-    assert "## Prediction assumptions" in (tmp_path / "p" / "scaling.md").read_text()
+    md = (tmp_path / "p" / "scaling.md").read_text()
+    assert "## Prediction assumptions" in md and "## Model check" in md
     rows = _csv(tmp_path / "p" / "scaling.csv")
     assert sum(r["kind"] == "predicted" for r in rows) == 14 and sum(r["kind"] == "real" for r in rows) == 3
+
+
+def test_model_check_fits_one_rank_and_predicts_two_out_of_sample(runs: Path, tmp_path: Path, capsys):
+    # A strong-scaling run: the 1-rank global batch of 2 on 2 ranks (1 per rank), 32 steps per epoch.
+    make_run(runs, "real_np2_strong", 2, epoch_time=6.4, comm=0.2, batch=1)
+    rep = make_report([runs], tmp_path / "m")
+    # Fitted on real_np1: 64 samples / batch 2 = 32 steps of 12 s / 32 = 0.375 s compute (0.1875 s per sample).
+    # Each 2-rank step adds the CPU profile's allreduce of 4e6 B (2 x 258 us + 4e6 / 4.1e9 s), half the 0.2 ms
+    # cycle, and one small collective (hvdtrain's step flags: 2 x 258 us + 0.1 ms).
+    comm = 2 * 258e-6 + 4e6 / 4.1e9 + 0.1e-3 + (2 * 258e-6 + 0.1e-3)
+    weak = 16 * (0.375 + comm)  # 64 samples / global batch 4
+    strong = 32 * (0.1875 + comm)  # 64 samples / global batch 2
+    pts = {pt["label"]: pt for pt in rep.calibration.points}
+    assert pts["real_np2"]["predicted_epoch_s"] == pytest.approx(weak, rel=1e-9)
+    assert pts["real_np2_strong"]["predicted_epoch_s"] == pytest.approx(strong, rel=1e-9)
+    err_weak, err_strong = 100 * (weak - 6.5) / 6.5, 100 * (strong - 6.4) / 6.4  # -7.1%, -3.5%
+    line = f"out-of-sample error (fit on 1 rank, predicting 2 ranks): {err_weak:+.1f}%, within the 15% target"
+    strong_line = f"predicting 2 ranks, strong scaling): {err_strong:+.1f}%, within the 15% target"
+    md = (tmp_path / "m" / "scaling.md").read_text()
+    printed = capsys.readouterr().out
+    for text in (md, printed):
+        assert line in text and strong_line in text and "in-sample error (fit on 1 rank): +0.0%" in text
+    assert f"**{line}**" in md  # in the summary lines under the table
+    # Fitted on both rank counts there is nothing left to predict.
+    rep2 = make_report([runs], tmp_path / "m2", fit_ranks=(1, 2), echo=None)
+    assert "out-of-sample error: no real run outside the fitted ones (1, 2 ranks) to predict" in rep2.model_check
+
+
+def test_predict_scaling_calibrates_from_runs(runs: Path, capsys):
+    two = [str(runs / "real_np1"), str(runs / "real_np2")]
+    argv = ["--profile", "cpu_this_machine", "--calibrate-from", *two, "--gpus", "1,2,4"]
+    assert predict_scaling.main([*argv, "--fit-ranks", "1", "--global-batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "out-of-sample error (fit on 1 rank, predicting 2 ranks)" in out
+    assert "source of compute: mean (epoch time - comm) / steps of real run(s) real_np1" in out
+    assert "strong scaling (global batch 8 fixed):" in out
+    assert predict_scaling.main([*argv, "--global-batch", "8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    weak = {r["gpus"]: r for r in rows if r["scaling"] == "weak"}
+    strong = {r["gpus"]: r for r in rows if r["scaling"] == "strong"}
+    # real_np1: 12 s per epoch of 32 steps of 2 = 0.375 s per step, taken as is on this machine.
+    assert weak[4]["compute_s"] == pytest.approx(0.375) and weak[4]["global_batch"] == 8
+    assert strong[4]["compute_s"] == pytest.approx(0.375) and strong[1]["compute_s"] == pytest.approx(1.5)
+    # Fitted on both runs (the default: all), the 2-rank wait sets the latency and bandwidth.
+    assert predict_scaling.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "measured: fitted to the allreduce wait of real run(s) real_np2" in out
+    # Another profile: the CPU compute is scaled by relative throughput (0.01 / 1 for a P100).
+    assert predict_scaling.main(["--profile", "study_p100_edr", *argv[2:], "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["compute_s"] == pytest.approx(0.375 * 0.01)
+    assert predict_scaling.main([*argv, "--fit-ranks", "x"]) == 2
+    assert predict_scaling.main(["--calibrate-from", str(runs / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_duplicate_runs_all_kept(runs: Path, tmp_path: Path):
@@ -203,6 +260,12 @@ def test_cli_writes_report(runs: Path, tmp_path: Path, capsys):
     assert len(_csv(out / "scaling.csv")) == 3 + 7
     assert scaling_report.main([*argv, "--out", str(out), "--predict", "nope"]) == 2
     assert "unknown machine profile 'nope'" in capsys.readouterr().err
+    assert scaling_report.main([*argv, "--out", str(out), "--fit-ranks", "all"]) == 0
+    assert "in-sample error (fit on all runs)" in capsys.readouterr().out
+    assert scaling_report.main([*argv, "--out", str(out), "--fit-ranks", "4"]) == 0  # the report still comes out
+    assert "model check: no real run at the fit ranks [4]" in capsys.readouterr().out
+    assert scaling_report.main([*argv, "--out", str(out), "--fit-ranks", "x"]) == 2
+    assert "fit ranks must be" in capsys.readouterr().err
 
 
 def test_grad_bytes_from_checkpoint_skips_batchnorm_buffers(tmp_path: Path):
