@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, dist, fastpath, optim, resume, watchdog
+from . import checkpoint, dist, fastpath, optim, resume, seeding, watchdog
 from .atomic import write_text_atomic
 from .config import TrainConfig, to_dict
 from .data import set_epoch
@@ -118,7 +118,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train until the loader is exhausted or a preemption is requested; returns local sums and timings."""
     model.train()
-    micro = cfg.accum * cfg.simulate_gpus
+    micro, rank = cfg.accum * cfg.simulate_gpus, dist.info().rank
     amp_dtype = autocast_dtype(cfg.amp, device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on device: no sync per step
     samples, comm_s, lr = 0, 0.0, schedule.lr_at(state.step)
@@ -135,6 +135,8 @@ def train_one_epoch(
     data_s, t_data = 0.0, time.perf_counter()
     for i, batch in enumerate(loader):
         data_s += time.perf_counter() - t_data  # waiting for the loader: the input pipeline's share of the step
+        # This GPU's own dropout stream (rank, or simulated GPU), keyed by its position in the run.
+        seeding.seed_micro_batch(cfg.seed, rank, cfg.simulate_gpus, cfg.accum, state.step, state.batch_in_epoch % micro)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, n = step_fn(model, batch, device)
         nonfinite += ~torch.isfinite(loss.detach())  # checked once per step, with the other ranks
@@ -205,7 +207,8 @@ def evaluate(
 def _checkpoint_state(
     model: nn.Module, optimizer, schedule: LRSchedule, scaler, state: TrainState, config: dict[str, Any]
 ) -> dict[str, Any]:
-    # Every rank's RNG (dropout masks differ per rank) so a resumed run continues each rank's stream.
+    # Every rank's global RNG state, for draws outside the keyed streams. Dropout masks (per GPU) and augmentation
+    # (per sample) are re-derived from their position in the run (hvdtrain.seeding): a resume repeats them exactly.
     rngs = dist.allgather_object(checkpoint.rng_state())
     return {
         "model": checkpoint.unwrap(model).state_dict(),

@@ -1,7 +1,8 @@
 """Run under a launcher by tests/test_hvd_multirank.py (also as one plain process): checks that need real ranks.
 
 python tests/hvd_worker.py collectives OUT
-python tests/hvd_worker.py train OUT --batch B [--simulate-gpus N] [--accum K]
+python tests/hvd_worker.py train OUT --batch B [--simulate-gpus N] [--accum K] [--dropout P]
+python tests/hvd_worker.py streams OUT [--simulate-gpus N]   (OUT/same.png: the image every sample shows)
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hvdtrain import TrainConfig, data, dist, fit  # noqa: E402
+from classification.data import ImageDataset, Sample  # noqa: E402
+from classification.transforms import train_transform  # noqa: E402
+from hvdtrain import TrainConfig, data, dist, fit, seeding  # noqa: E402
 from hvdtrain.metrics import SumMetric  # noqa: E402
 from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn  # noqa: E402
 
@@ -40,9 +43,9 @@ def collectives(out: Path) -> None:
     (out / f"collectives_{d.rank}.json").write_text(json.dumps(r))
 
 
-def train(out: Path, batch: int, simulate_gpus: int, accum: int) -> None:
+def train(out: Path, batch: int, simulate_gpus: int, accum: int, dropout: float = 0.0) -> None:
     d = dist.init(threads=1)
-    torch.manual_seed(0)
+    seeding.seed_init(0)
     cfg = TrainConfig(
         run_dir=str(out / "run"),
         epochs=2,
@@ -56,11 +59,37 @@ def train(out: Path, batch: int, simulate_gpus: int, accum: int) -> None:
         accum=accum,
         progress=False,
     )
-    loader = data.train_loader(make_blobs(96, seed=3), batch, seed=7, micro_per_step=accum * simulate_gpus)
+    micro = accum * simulate_gpus
+    loader = data.train_loader(make_blobs(96, seed=3), batch, seed=7, micro_per_step=micro, simulate_gpus=simulate_gpus)
     val = data.eval_loader(make_blobs(10, seed=4), 4)
-    model = ToyNet(8, dropout=0.0)  # no dropout: masks would differ between batch layouts
+    model = ToyNet(8, dropout=dropout)  # masks match between real and simulated GPUs, not other batch layouts
     fit(model, loader, val, step_fn, eval_fn, ToyMetric, cfg, monitor="loss", mode="min")
     torch.save(model.state_dict(), out / f"weights_rank{d.rank}.pt")
+
+
+def streams(out: Path, simulate_gpus: int) -> None:
+    """One epoch on 16 copies of one image, recording each micro-batch's augmented images and dropout mask."""
+    d = dist.init(threads=1)
+    samples = [Sample(out / "same.png", i % 2) for i in range(16)]
+    loader = data.train_loader(
+        ImageDataset(samples, train_transform(16), seed=7), 2, seed=7, micro_per_step=simulate_gpus,
+        simulate_gpus=simulate_gpus,
+    )  # fmt: skip
+    seeding.seed_init(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(3 * 16 * 16, 2))
+    init = {k: v.clone() for k, v in model.state_dict().items()}  # before fit broadcasts rank 0's weights
+    rec: dict[str, list] = {"x": [], "mask": []}
+    model[1].register_forward_hook(lambda m, i, o: rec["mask"].append(o == 0))
+
+    def step(model, batch, device):
+        rec["x"].append(batch[0])
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1]), len(batch[1])
+
+    cfg = TrainConfig(run_dir=str(out / f"run{simulate_gpus}"), epochs=1, batch_size_per_gpu=2, lr=0.1,
+                      lr_rule="none", warmup_epochs=0, optimizer="sgd", simulate_gpus=simulate_gpus, progress=False,
+                      eval_every=2)  # fmt: skip
+    fit(model, loader, data.eval_loader(make_blobs(2), 2), step, lambda *a: None, ToyMetric, cfg, monitor="count")
+    torch.save({**rec, "init": init, "final": model.state_dict()}, out / f"streams_sim{simulate_gpus}_rank{d.rank}.pt")
 
 
 def nan(out: Path) -> None:
@@ -83,14 +112,17 @@ def nan(out: Path) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["collectives", "train", "nan"])
+    p.add_argument("what", choices=["collectives", "train", "streams", "nan"])
     p.add_argument("out", type=Path)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--simulate-gpus", type=int, default=1)
     p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.0)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.what == "train":
-        train(a.out, a.batch, a.simulate_gpus, a.accum)
+        train(a.out, a.batch, a.simulate_gpus, a.accum, a.dropout)
+    elif a.what == "streams":
+        streams(a.out, a.simulate_gpus)
     else:
         {"collectives": collectives, "nan": nan}[a.what](a.out)
