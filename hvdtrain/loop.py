@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, dist, fastpath, optim, resume, seeding, watchdog
+from . import checkpoint, dist, fastpath, optim, resume, seeding, syncbn, watchdog
 from .atomic import write_text_atomic
 from .config import TrainConfig, to_dict
 from .data import set_epoch
@@ -279,6 +279,23 @@ def _epoch_of(line: str) -> float:
         return math.inf
 
 
+def _sync_batch_norm(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """--sync-bn: check that it means something here, then convert the BatchNorm layers (no-op on one rank)."""
+    if not cfg.sync_bn:
+        return
+    if syncbn.count_batch_norms(model) == 0:
+        raise ValueError("--sync-bn: the model has no BatchNorm layer to synchronise (a U-Net needs --norm batch)")
+    if cfg.simulate_gpus > 1:
+        # A real SyncBN step normalises with statistics of all GPUs' batches at once; simulated GPUs run one after
+        # another, so each would silently use its own micro-batch's statistics instead.
+        raise ValueError(
+            "--sync-bn cannot be simulated: --simulate-gpus runs the GPUs' micro-batches one after another, so they "
+            "cannot share batch statistics; use real ranks (or one GPU with the batch of all of them)"
+        )
+    n = optim.sync_batch_norm(model, device)
+    dist.print0(f"SyncBatchNorm: {n} BatchNorm layer(s) synchronised over {dist.info().size} ranks")
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -313,6 +330,7 @@ def fit(
     steps_per_epoch = len(train_loader) // micro
     if steps_per_epoch == 0:
         raise ValueError(f"an epoch has {len(train_loader)} micro-batches per rank, fewer than the {micro} of one step")
+    _sync_batch_norm(model, cfg, device)
     fastpath.prepare_model(model, device, cfg.channels_last, cfg.cudnn_benchmark)
     base_optimizer = build_optimizer(model, cfg.optimizer, peak_lr, cfg.weight_decay, cfg.momentum)
     schedule = LRSchedule(

@@ -3,6 +3,7 @@
 python tests/hvd_worker.py collectives OUT
 python tests/hvd_worker.py train OUT --batch B [--simulate-gpus N] [--accum K] [--dropout P]
 python tests/hvd_worker.py streams OUT [--simulate-gpus N]   (OUT/same.png: the image every sample shows)
+python tests/hvd_worker.py syncbn OUT
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from classification.data import ImageDataset, Sample  # noqa: E402
 from classification.transforms import train_transform  # noqa: E402
-from hvdtrain import TrainConfig, data, dist, fit, seeding  # noqa: E402
+from hvdtrain import TrainConfig, data, dist, fit, optim, seeding  # noqa: E402
 from hvdtrain.metrics import SumMetric  # noqa: E402
 from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn  # noqa: E402
 
@@ -92,6 +93,36 @@ def streams(out: Path, simulate_gpus: int) -> None:
     torch.save({**rec, "init": init, "final": model.state_dict()}, out / f"streams_sim{simulate_gpus}_rank{d.rank}.pt")
 
 
+def syncbn(out: Path) -> None:
+    d = dist.init(threads=1)
+    torch.save(syncbn_case(d.rank, d.size), out / f"syncbn_size{d.size}_rank{d.rank}.pt")
+
+
+def syncbn_case(rank: int, size: int) -> dict:
+    """Rank 0 takes images 0-1 of a batch of 6, rank 1 images 2-5: two training forwards, backward, one eval forward.
+
+    On one rank (no launcher) the whole batch through plain BatchNorm: the reference.
+    """
+    torch.manual_seed(0)
+    nn = torch.nn
+    # A 2D BatchNorm (the classifiers) and a 3D one inside a nested block (the U-Net's). No conv bias before a
+    # BatchNorm (as in the U-Net): its gradient is zero in exact arithmetic, rounding noise in practice.
+    block3d = nn.Sequential(nn.Unflatten(1, (1, 4)), nn.Conv3d(1, 2, 1, bias=False), nn.BatchNorm3d(2))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), block3d)
+    converted = optim.sync_batch_norm(model, torch.device("cpu"))
+    x = torch.randn(6, 3, 9, 7, generator=torch.Generator().manual_seed(1)) * 3 + 2
+    half = slice(None) if size == 1 else (slice(0, 2) if rank == 0 else slice(2, 6))
+    model.train()
+    ys = [model(x[half] * (1 + k)) for k in range(2)]  # two batches: the running statistics move twice
+    # A fixed random weighting (not sum(y^2): that is constant under a BatchNorm, its gradient only rounding noise).
+    w = torch.randn((6, *ys[1].shape[1:]), generator=torch.Generator().manual_seed(3))[half]
+    (ys[1] * w).sum().backward()
+    grads = {k: dist.allreduce(p.grad) for k, p in model.named_parameters()}  # summed: the whole batch's loss
+    model.eval()
+    res = {"y": [y.detach() for y in ys], "eval": model(x[half]).detach(), "grads": grads, "converted": converted}
+    return {**res, "state": model.state_dict()}
+
+
 def nan(out: Path) -> None:
     """Rank 1's loss turns NaN at its 4th micro-batch: every rank must stop with FloatingPointError, none hang."""
     d = dist.init(threads=1)
@@ -112,7 +143,7 @@ def nan(out: Path) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["collectives", "train", "streams", "nan"])
+    p.add_argument("what", choices=["collectives", "train", "streams", "syncbn", "nan"])
     p.add_argument("out", type=Path)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--simulate-gpus", type=int, default=1)
@@ -125,4 +156,4 @@ if __name__ == "__main__":
     elif a.what == "streams":
         streams(a.out, a.simulate_gpus)
     else:
-        {"collectives": collectives, "nan": nan}[a.what](a.out)
+        {"collectives": collectives, "syncbn": syncbn, "nan": nan}[a.what](a.out)

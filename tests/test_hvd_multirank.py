@@ -137,3 +137,20 @@ def test_simulated_gpus_draw_exactly_what_real_ranks_draw(streams_run):
             assert torch.equal(sim["mask"][2 * step + j], real[j]["mask"][step])
     # Same data, masks and initial weights per GPU: the same optimisation, with dropout on.
     _assert_close(real[0]["final"], sim["final"], atol=2e-5)
+
+
+def test_sync_batch_norm_on_two_halves_equals_batch_norm_on_the_whole_batch(tmp_path):
+    from hvd_worker import syncbn_case
+
+    launch(2, ["tests/hvd_worker.py", "syncbn", str(tmp_path)])
+    r0, r1 = (torch.load(tmp_path / f"syncbn_size2_rank{r}.pt", weights_only=True) for r in (0, 1))
+    one = syncbn_case(0, 1)  # this process, no launcher: plain BatchNorm on the whole batch
+    assert (r0["converted"], one["converted"]) == (2, 0)  # both BatchNorm layers on 2 ranks; a no-op on 1
+    tol = {"atol": 1e-4, "rtol": 1e-4}  # float64 statistics on 2 ranks, float32 BatchNorm in one process
+    for k in (0, 1):  # rank 0 held images 0-1, rank 1 images 2-5: the forward is the whole batch's
+        torch.testing.assert_close(torch.cat([r0["y"][k], r1["y"][k]]), one["y"][k], **tol)
+    torch.testing.assert_close(torch.cat([r0["eval"], r1["eval"]]), one["eval"], **tol)
+    for r in (r0, r1):  # the same running statistics (and step counts) on both ranks as in one process
+        _assert_close(r["state"], one["state"], atol=1e-5)
+        for k, g in one["grads"].items():  # the backward reduces the statistics' gradients too
+            torch.testing.assert_close(r["grads"][k], g, **tol, msg=lambda m, k=k: f"{k}: {m}")

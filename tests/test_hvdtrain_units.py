@@ -17,7 +17,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from hvdtrain import TrainConfig, checkpoint, data, dist, fit, optim, parse_config, seeding, to_dict
+from hvdtrain import (
+    TrainConfig,
+    checkpoint,
+    data,
+    dist,
+    fit,
+    optim,
+    parse_config,
+    seeding,
+    syncbn,
+    to_dict,
+)
 from hvdtrain.config import ConfigError, load_yaml
 from hvdtrain.loop import autocast_dtype, evaluate
 from hvdtrain.metrics import MeanMetric, SumMetric
@@ -237,6 +248,56 @@ def test_sample_rng_keys_draws_by_sample_and_leaves_the_callers_stream_alone():
     for key in ((3, 1, 11), (3, 2, 10), (4, 1, 10)):
         with seeding.sample_rng(*key):
             assert not torch.equal(torch.rand(4), a)
+
+
+# ---------------------------------------------------------------- sync batch norm
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Sequential(nn.BatchNorm2d(4, momentum=None))
+    )
+
+
+def test_convert_swaps_batch_norm_layers_in_place_sharing_parameters_and_keys():
+    net = _bn_net()
+    before = {k: v.data_ptr() for k, v in net.state_dict().items()}
+    params = list(net.parameters())
+    assert syncbn.convert(net, syncbn.CPUSyncBatchNorm) == 2
+    assert isinstance(net[1], syncbn.CPUSyncBatchNorm) and isinstance(net[3][0], syncbn.CPUSyncBatchNorm)
+    assert {k: v.data_ptr() for k, v in net.state_dict().items()} == before  # same keys, same tensors
+    assert all(a is b for a, b in zip(net.parameters(), params))  # an optimizer built earlier still fits
+    assert optim.sync_batch_norm(net, torch.device("cpu")) == 0  # one rank: nothing to synchronise
+
+
+def test_cpu_sync_batch_norm_computes_batch_norm(monkeypatch):
+    """The synchronised path with a one-rank 'allreduce' is BatchNorm: outputs, gradients, running statistics."""
+    monkeypatch.setattr(dist, "uses_horovod", lambda: True)
+    monkeypatch.setattr(dist, "allreduce_sum_grad", lambda t: t)
+    plain, synced = _bn_net(), _bn_net()
+    syncbn.convert(synced, syncbn.CPUSyncBatchNorm)
+    x = torch.randn(5, 3, 7, 6, generator=torch.Generator().manual_seed(2)) * 4 + 30  # a large mean
+    for k in range(3):
+        ya, yb = plain(x * (k + 1)), synced(x * (k + 1))
+        torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+    (ya**2).sum().backward()
+    (yb**2).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), synced.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-3, rtol=1e-4, msg=name)
+    for (name, a), b in zip(plain.state_dict().items(), synced.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
+    plain.eval(), synced.eval()
+    torch.testing.assert_close(synced(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_sync_bn_refuses_a_model_without_batch_norm_and_simulated_gpus(tmp_path):
+    with pytest.raises(ValueError, match="no BatchNorm layer"):
+        _fit(tmp_path / "a", epochs=1, sync_bn=True)  # ToyNet: no BatchNorm
+    torch.manual_seed(0)
+    cfg = TrainConfig(run_dir=str(tmp_path / "b"), sync_bn=True, simulate_gpus=2, progress=False)
+    with pytest.raises(ValueError, match="cannot be simulated"):
+        fit(_bn_net(), data.train_loader(make_blobs(16), 2, micro_per_step=2), None, step_fn, eval_fn, ToyMetric, cfg)
 
 
 # ---------------------------------------------------------------- metrics
