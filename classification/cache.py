@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from hvdtrain import dist
 from hvdtrain.atomic import save_npy_atomic, write_text_atomic
 
-from .data import DataError, ImageReadError, Sample, load_rgb, mask_stem
+from .data import DataError, ImageReadError, Sample, load_rgb, mask_stem, per_sample_rng
 
 __all__ = ["CACHE_VERSION", "ImageCache", "mask_paths", "square_uint8", "read_mask", "source_stamp", "build_cache",
            "prepare_cache", "CachedDataset"]  # fmt: skip
@@ -177,13 +177,25 @@ class CachedDataset(Dataset):
         labels: their labels, aligned with `indices`.
         pipeline: `(uint8 image (3, S, S), uint8 mask (1, S, S)) -> (float image, float mask)`
             (`classification.augment.train_pipeline` / `eval_pipeline`).
+        seed: for a random pipeline: its draws come from (seed, epoch, i), as in `ImageDataset`.
     """
 
-    def __init__(self, cache: ImageCache, indices: Sequence[int], labels: Sequence[int], pipeline) -> None:
+    def __init__(
+        self,
+        cache: ImageCache,
+        indices: Sequence[int],
+        labels: Sequence[int],
+        pipeline,
+        seed: int | None = None,
+    ) -> None:
         if len(indices) != len(labels):
             raise ValueError(f"{len(indices)} indices but {len(labels)} labels")
         self.cache, self.indices, self.pipeline = cache, [int(i) for i in indices], pipeline
         self._labels = np.asarray(labels, dtype=np.int64)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -192,7 +204,8 @@ class CachedDataset(Dataset):
         j = self.indices[i]
         image = torch.from_numpy(np.array(self.cache.images[j])).permute(2, 0, 1)
         mask = torch.from_numpy(np.array(self.cache.masks[j]))[None]
-        x, m = self.pipeline(image, mask)
+        with per_sample_rng(self.seed, self.epoch, i):
+            x, m = self.pipeline(image, mask)
         return x, int(self._labels[i]), i, m
 
     @property

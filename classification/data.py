@@ -19,6 +19,7 @@ Bad input policy (the same for folders and manifests):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import re
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from hvdtrain.seeding import sample_rng
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -46,6 +49,7 @@ __all__ = [
     "load_index",
     "list_images",
     "ImageDataset",
+    "per_sample_rng",
 ]
 
 log = logging.getLogger(__name__)
@@ -330,6 +334,11 @@ def list_images(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def per_sample_rng(seed: int | None, epoch: int, index: int) -> contextlib.AbstractContextManager:
+    """`hvdtrain.seeding.sample_rng` for a seeded dataset; nothing for an unseeded (evaluation) one."""
+    return contextlib.nullcontext() if seed is None else sample_rng(seed, epoch, index)
+
+
 class ImageDataset(Dataset):
     """`(image, label, index)` for each sample; `index` is the position in `samples`.
 
@@ -338,18 +347,27 @@ class ImageDataset(Dataset):
     Args:
         samples: the images, e.g. `[index.samples[i] for i in fold.val]`.
         transform: PIL RGB image -> tensor (see `classification.transforms`).
+        seed: for a random transform: its draws come from (seed, epoch, i) (`hvdtrain.seeding.sample_rng`), so they
+            differ between ranks and do not depend on the loader's process or the GPU count. None: torch's RNG as is.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], Any]) -> None:
+    def __init__(
+        self, samples: Sequence[Sample], transform: Callable[[Image.Image], Any], seed: int | None = None
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         s = self.samples[i]
-        return self.transform(load_rgb(s.path)), s.label, i
+        with per_sample_rng(self.seed, self.epoch, i):
+            return self.transform(load_rgb(s.path)), s.label, i
 
     @property
     def labels(self) -> np.ndarray:

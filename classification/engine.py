@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hvdtrain import data, fit, to_dict
+from hvdtrain import data, fit, seeding, to_dict
 
 from .augment import EvalPipeline, TrainPipeline, mix_batch
 from .cache import CachedDataset, ImageCache, prepare_cache
@@ -140,7 +140,9 @@ def subset_dataset(
     """A dataset of `index.samples[i] for i in indices`, with the training or evaluation transform.
 
     With `cache` (built over all of `index.samples`), images come from it and `cfg` picks the augmentation.
+    Augmentation draws come from (`cfg.seed`, epoch, sample) (`hvdtrain.seeding.sample_rng`): independent per rank.
     """
+    seed = (cfg.seed if cfg is not None else 0) if augment else None
     if cache is not None:
         if not augment:
             pipe: Any = EvalPipeline(image_size)
@@ -148,9 +150,9 @@ def subset_dataset(
             pipe = TrainPipeline(image_size)
         else:
             pipe = TrainPipeline(image_size, cfg.aug_policy, elastic=cfg.elastic, speckle=cfg.speckle)
-        return CachedDataset(cache, indices, index.labels[list(indices)], pipe)
+        return CachedDataset(cache, indices, index.labels[list(indices)], pipe, seed)
     tf = train_transform(image_size) if augment else eval_transform(image_size, resize_size)
-    return ImageDataset([index.samples[i] for i in indices], tf)
+    return ImageDataset([index.samples[i] for i in indices], tf, seed)
 
 
 def fold_datasets(
@@ -228,9 +230,16 @@ def fold_run(
         raise ValueError("--mask-weight needs --cache (the masks come from the image cache)")
     train_ds, val_ds = fold_datasets(index, fold, cfg.image_size, cfg.resize_size or None, cfg.augment, cache, cfg)
     micro = cfg.accum * cfg.simulate_gpus
-    train = data.train_loader(train_ds, cfg.batch_size_per_gpu, cfg.seed, cfg.num_workers, micro_per_step=micro)
+    train = data.train_loader(
+        train_ds,
+        cfg.batch_size_per_gpu,
+        cfg.seed,
+        cfg.num_workers,
+        micro_per_step=micro,
+        simulate_gpus=cfg.simulate_gpus,
+    )
     val = data.eval_loader(val_ds, cfg.eval_batch_size, cfg.num_workers)
-    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed (trials compare fairly)
+    seeding.seed_init(cfg.seed)  # the same initial weights on every rank (trials compare fairly); training reseeds
     net = build_model(cfg.model, len(names), cfg.dropout)
     if cfg.weights:
         load_pretrained(net, cfg.model, cfg.weights)

@@ -1,6 +1,6 @@
 """hvdtrain: the distributed-training core shared by every trainer (Horovod behind one seam)."""
 
-from . import checkpoint, data, dist, metrics, optim, schedule
+from . import checkpoint, data, dist, metrics, optim, schedule, seeding, syncbn
 from .config import TrainConfig, arg, parse_config, to_dict
 from .loop import evaluate, fit, train_one_epoch
 
@@ -11,6 +11,8 @@ __all__ = [
     "metrics",
     "optim",
     "schedule",
+    "seeding",
+    "syncbn",
     "TrainConfig",
     "arg",
     "parse_config",

@@ -60,6 +60,7 @@ class TrainConfig:
     amp: str = arg("auto", "mixed precision: auto = bf16 on GPU, fp32 on CPU", ("auto", "bf16", "fp16", "off"))
     fp16_allreduce: bool = arg(False, "compress gradients to fp16 for the allreduce")
     adasum: bool = arg(False, "Adasum reduction instead of averaging (LR is then not scaled by GPUs)")
+    sync_bn: bool = arg(False, "SyncBatchNorm: batch-norm statistics over all ranks' micro-batches (no-op on 1 rank)")
     seed: int = arg(0, "seed for initialisation, shuffling and augmentation")
     threads: int = arg(0, "torch threads per rank (0: cores / ranks on the node)")
     num_workers: int = arg(0, "data-loader worker processes per rank")

@@ -20,7 +20,9 @@ class ShardedTrainSampler(Sampler[int]):
     number of optimizer steps: uneven step counts leave Horovod replicas waiting or diverged (see `hvd.join`).
     Rank r takes positions r, r + size, ... of one global permutation, so the union of the ranks' i-th batches
     is the i-th global batch that a single rank with `size` times the batch would see: runs at different world
-    sizes see the same data order.
+    sizes see the same data order. With `simulate_gpus` N, the micro-batches of a step come simulated GPU by GPU
+    (j x accumulation + a), and simulated GPU j gets exactly the samples that real rank r x N + j of an N times
+    larger job would get (so its batch statistics and random streams match too, `hvdtrain.seeding`).
     """
 
     def __init__(
@@ -32,7 +34,10 @@ class ShardedTrainSampler(Sampler[int]):
         seed: int = 0,
         shuffle: bool = True,
         micro_per_step: int = 1,
+        simulate_gpus: int = 1,
     ):
+        if simulate_gpus < 1 or micro_per_step % simulate_gpus:
+            raise ValueError(f"micro_per_step {micro_per_step} is not a multiple of simulate_gpus {simulate_gpus}")
         # One optimizer step takes `micro_per_step` micro-batches on every rank (gradient accumulation).
         global_batch = batch_size * size * micro_per_step
         if length < global_batch:
@@ -43,6 +48,7 @@ class ShardedTrainSampler(Sampler[int]):
         self.length, self.batch_size, self.rank, self.size = length, batch_size, rank, size
         self.seed, self.shuffle, self.epoch, self.skip = seed, shuffle, 0, 0
         self.steps = length // global_batch * micro_per_step  # micro-batches per rank; the ragged tail is dropped
+        self.micro, self.simulate_gpus = micro_per_step, simulate_gpus
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select the epoch's permutation; `skip_batches` resumes part-way through it (after a preemption)."""
@@ -55,7 +61,20 @@ class ShardedTrainSampler(Sampler[int]):
         else:
             order = list(range(self.length))
         used = order[: self.steps * self.batch_size * self.size]
-        return iter(used[self.rank :: self.size][self.skip * self.batch_size :])
+        return iter(self._micro_batches(used)[self.skip * self.batch_size :])
+
+    def _micro_batches(self, used: list[int]) -> list[int]:
+        """This rank's samples in micro-batch order; without simulation simply positions rank, rank + size, ..."""
+        n, b = self.simulate_gpus, self.batch_size
+        accum = self.micro // n
+        # The shard of each GPU this rank plays, as real rank r x N + j of a size x N job would take it.
+        shards = [used[self.rank * n + j :: self.size * n] for j in range(n)]
+        out: list[int] = []
+        for step in range(self.steps // self.micro):
+            for j in range(n):
+                k = step * accum  # the GPU's micro-batch counter at the start of the step
+                out += shards[j][k * b : (k + accum) * b]
+        return out
 
     def __len__(self) -> int:
         return (self.steps - self.skip) * self.batch_size
@@ -103,14 +122,18 @@ def train_loader(
     collate_fn: Callable | None = None,
     shuffle: bool = True,
     micro_per_step: int = 1,
+    simulate_gpus: int = 1,
 ) -> DataLoader:
     """This rank's training loader; call `set_epoch(loader, epoch)` before each epoch.
 
     `micro_per_step` is the number of micro-batches per optimizer step (accumulation x simulated GPUs), so that
-    the epoch holds a whole number of optimizer steps.
+    the epoch holds a whole number of optimizer steps; `simulate_gpus` orders them as the simulated GPUs would
+    take them.
     """
     d = dist.info()
-    sampler = ShardedTrainSampler(len(dataset), batch_size_per_gpu, d.rank, d.size, seed, shuffle, micro_per_step)
+    sampler = ShardedTrainSampler(
+        len(dataset), batch_size_per_gpu, d.rank, d.size, seed, shuffle, micro_per_step, simulate_gpus
+    )
     return _loader(dataset, sampler, batch_size_per_gpu, num_workers, collate_fn)
 
 

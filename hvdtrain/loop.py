@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, dist, fastpath, optim, resume, watchdog
+from . import checkpoint, dist, fastpath, optim, resume, seeding, syncbn, watchdog
 from .atomic import write_text_atomic
 from .config import TrainConfig, to_dict
 from .data import set_epoch
@@ -118,7 +118,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train until the loader is exhausted or a preemption is requested; returns local sums and timings."""
     model.train()
-    micro = cfg.accum * cfg.simulate_gpus
+    micro, rank = cfg.accum * cfg.simulate_gpus, dist.info().rank
     amp_dtype = autocast_dtype(cfg.amp, device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on device: no sync per step
     samples, comm_s, lr = 0, 0.0, schedule.lr_at(state.step)
@@ -135,6 +135,8 @@ def train_one_epoch(
     data_s, t_data = 0.0, time.perf_counter()
     for i, batch in enumerate(loader):
         data_s += time.perf_counter() - t_data  # waiting for the loader: the input pipeline's share of the step
+        # This GPU's own dropout stream (rank, or simulated GPU), keyed by its position in the run.
+        seeding.seed_micro_batch(cfg.seed, rank, cfg.simulate_gpus, cfg.accum, state.step, state.batch_in_epoch % micro)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, n = step_fn(model, batch, device)
         nonfinite += ~torch.isfinite(loss.detach())  # checked once per step, with the other ranks
@@ -205,7 +207,8 @@ def evaluate(
 def _checkpoint_state(
     model: nn.Module, optimizer, schedule: LRSchedule, scaler, state: TrainState, config: dict[str, Any]
 ) -> dict[str, Any]:
-    # Every rank's RNG (dropout masks differ per rank) so a resumed run continues each rank's stream.
+    # Every rank's global RNG state, for draws outside the keyed streams. Dropout masks (per GPU) and augmentation
+    # (per sample) are re-derived from their position in the run (hvdtrain.seeding): a resume repeats them exactly.
     rngs = dist.allgather_object(checkpoint.rng_state())
     return {
         "model": checkpoint.unwrap(model).state_dict(),
@@ -276,6 +279,23 @@ def _epoch_of(line: str) -> float:
         return math.inf
 
 
+def _sync_batch_norm(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """--sync-bn: check that it means something here, then convert the BatchNorm layers (no-op on one rank)."""
+    if not cfg.sync_bn:
+        return
+    if syncbn.count_batch_norms(model) == 0:
+        raise ValueError("--sync-bn: the model has no BatchNorm layer to synchronise (a U-Net needs --norm batch)")
+    if cfg.simulate_gpus > 1:
+        # A real SyncBN step normalises with statistics of all GPUs' batches at once; simulated GPUs run one after
+        # another, so each would silently use its own micro-batch's statistics instead.
+        raise ValueError(
+            "--sync-bn cannot be simulated: --simulate-gpus runs the GPUs' micro-batches one after another, so they "
+            "cannot share batch statistics; use real ranks (or one GPU with the batch of all of them)"
+        )
+    n = optim.sync_batch_norm(model, device)
+    dist.print0(f"SyncBatchNorm: {n} BatchNorm layer(s) synchronised over {dist.info().size} ranks")
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -310,6 +330,7 @@ def fit(
     steps_per_epoch = len(train_loader) // micro
     if steps_per_epoch == 0:
         raise ValueError(f"an epoch has {len(train_loader)} micro-batches per rank, fewer than the {micro} of one step")
+    _sync_batch_norm(model, cfg, device)
     fastpath.prepare_model(model, device, cfg.channels_last, cfg.cudnn_benchmark)
     base_optimizer = build_optimizer(model, cfg.optimizer, peak_lr, cfg.weight_decay, cfg.momentum)
     schedule = LRSchedule(

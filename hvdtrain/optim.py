@@ -7,9 +7,9 @@ import contextlib
 import torch
 from torch import nn
 
-from . import dist
+from . import dist, syncbn
 
-__all__ = ["distribute", "broadcast_parameters", "synchronize", "skip_synchronize"]
+__all__ = ["distribute", "broadcast_parameters", "sync_batch_norm", "synchronize", "skip_synchronize"]
 
 
 def distribute(
@@ -49,6 +49,20 @@ def broadcast_parameters(model: nn.Module) -> None:
         import horovod.torch as hvd
 
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # hvd:
+
+
+def sync_batch_norm(model: nn.Module, device: torch.device) -> int:
+    """Turn `model`'s BatchNorm layers (in place) into synchronised ones; returns how many (0 on one rank: no-op).
+
+    On GPUs Horovod's `hvd.SyncBatchNorm`; on the CPU, which it refuses, `syncbn.CPUSyncBatchNorm`.
+    """
+    if not dist.uses_horovod():
+        return 0
+    if device.type == "cuda":
+        import horovod.torch as hvd
+
+        return syncbn.convert(model, hvd.SyncBatchNorm)  # hvd: statistics allgathered per layer and forward
+    return syncbn.convert(model, syncbn.CPUSyncBatchNorm)
 
 
 def synchronize(optimizer: torch.optim.Optimizer) -> None:

@@ -8,8 +8,9 @@ says, the checkpoint's parameters must match the model's names and shapes.
 
 A different world size is allowed: the position inside the interrupted epoch is remapped from micro-batches per
 rank to samples seen (the data order is one global permutation at every size, `hvdtrain.data`), so no sample is
-trained twice or skipped; when the samples seen do not fill whole steps at the new size the epoch restarts. Each
-rank's RNG streams are restored only when the size matches (there is no stream for a new rank).
+trained twice or skipped; when the samples seen do not fill whole steps at the new size the epoch restarts. Dropout
+and augmentation streams follow from the position in the run (`hvdtrain.seeding`); each rank's saved global RNG
+state (for any other draw) is restored only when the size matches (there is none for a new rank).
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def adapt_position(state: Any, ckpt: dict[str, Any], micro: int, steps_per_epoch
     batch, step, note = remap_position(state.batch_in_epoch, old, new, micro, steps_per_epoch, state.epoch)
     state.batch_in_epoch, state.step = batch, step
     dist.print0(
-        f"resuming a {old}-rank run on {new} ranks: optimizer step {step} of the new schedule; RNG streams start "
-        f"from the seed (saved per rank for {old} ranks)" + (f"; {note}" if note else "")
+        f"resuming a {old}-rank run on {new} ranks: optimizer step {step} of the new schedule; dropout streams "
+        f"continue per GPU from the seed, other RNG state (saved per rank for {old} ranks) does not"
+        + (f"; {note}" if note else "")
     )

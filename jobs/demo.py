@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from hvdtrain import TrainConfig, arg, data, dist, fit, parse_config, to_dict
+from hvdtrain import TrainConfig, arg, data, dist, fit, parse_config, seeding, to_dict
 from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
 
 
@@ -31,12 +29,13 @@ class DemoConfig(TrainConfig):
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(DemoConfig, argv)
     dist.init(cfg.threads or None, cfg.stall_timeout)
-    torch.manual_seed(cfg.seed)
+    seeding.seed_init(cfg.seed)
     train = data.train_loader(
         make_blobs(cfg.n_train, seed=cfg.seed),
         cfg.batch_size_per_gpu,
         cfg.seed,
         micro_per_step=cfg.accum * cfg.simulate_gpus,
+        simulate_gpus=cfg.simulate_gpus,
     )
     val = data.eval_loader(make_blobs(cfg.n_val, seed=cfg.seed + 1), 64)
     summary = fit(

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hvdtrain import data, dist, fit
+from hvdtrain import data, dist, fit, seeding
 from hvdtrain.config import to_dict
 
 from .config import UNetConfig
@@ -250,9 +250,11 @@ def fit_unet(
     """
     ds = patch_dataset(cfg, train_cases)
     micro = cfg.accum * cfg.simulate_gpus
-    train = data.train_loader(ds, cfg.batch_size_per_gpu, cfg.seed, cfg.num_workers, micro_per_step=micro)
+    train = data.train_loader(
+        ds, cfg.batch_size_per_gpu, cfg.seed, cfg.num_workers, micro_per_step=micro, simulate_gpus=cfg.simulate_gpus
+    )
     val = data.eval_loader(VolumeDataset(val_cases), 1, cfg.num_workers)
-    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed (trials compare fairly)
+    seeding.seed_init(cfg.seed)  # the same initial weights on every rank (trials compare fairly); training reseeds
     model = build_model(model_kwargs(cfg))
     eval_fn = make_eval_fn(cfg)
     summary = fit(

@@ -102,3 +102,55 @@ def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
     msgs = [(tmp_path / f"nan_rank{r}.txt").read_text() for r in (0, 1)]
     assert "step 3 on another rank" in msgs[0] and msgs[1].startswith("non-finite loss at epoch 0, step 3:")
     assert not (tmp_path / "run" / "checkpoints").exists(), "no checkpoint of diverged weights"
+
+
+@pytest.fixture(scope="module")
+def streams_run(tmp_path_factory):
+    """2 real ranks, then 1 process simulating 2 GPUs, each one epoch on 16 copies of one image (hvd_worker streams)."""
+    from PIL import Image
+
+    out = tmp_path_factory.mktemp("streams")
+    Image.fromarray(torch.arange(24 * 24 * 3, dtype=torch.uint8).reshape(24, 24, 3).numpy()).save(out / "same.png")
+    launch(2, ["tests/hvd_worker.py", "streams", str(out)])
+    run_cmd(["python", "tests/hvd_worker.py", "streams", str(out), "--simulate-gpus", "2"])
+    load = lambda name: torch.load(out / name, weights_only=True)
+    return [load(f"streams_sim1_rank{r}.pt") for r in (0, 1)], load("streams_sim2_rank0.pt")
+
+
+def test_ranks_start_from_the_same_weights_but_draw_their_own_dropout_and_augmentation(streams_run):
+    (r0, r1), _ = streams_run
+    _assert_close(r0["init"], r1["init"], atol=0)  # the same seed builds the same model, before any broadcast
+    assert len(r0["x"]) == len(r1["x"]) == 4  # 4 steps of 2 images per rank
+    for step in range(4):
+        # Every sample is the same image: what differs between the ranks' batches is their augmentation.
+        assert not torch.equal(r0["x"][step], r1["x"][step])
+        assert not torch.equal(r0["mask"][step], r1["mask"][step])
+    assert 0.3 < torch.cat([m.float().flatten() for m in r0["mask"]]).mean() < 0.7  # dropout 0.5 did run
+
+
+def test_simulated_gpus_draw_exactly_what_real_ranks_draw(streams_run):
+    real, sim = streams_run
+    assert len(sim["x"]) == 8  # 4 steps x 2 simulated GPUs; micro-batch 2 s + j is GPU j's
+    for step in range(4):
+        for j in (0, 1):
+            assert torch.equal(sim["x"][2 * step + j], real[j]["x"][step])
+            assert torch.equal(sim["mask"][2 * step + j], real[j]["mask"][step])
+    # Same data, masks and initial weights per GPU: the same optimisation, with dropout on.
+    _assert_close(real[0]["final"], sim["final"], atol=2e-5)
+
+
+def test_sync_batch_norm_on_two_halves_equals_batch_norm_on_the_whole_batch(tmp_path):
+    from hvd_worker import syncbn_case
+
+    launch(2, ["tests/hvd_worker.py", "syncbn", str(tmp_path)])
+    r0, r1 = (torch.load(tmp_path / f"syncbn_size2_rank{r}.pt", weights_only=True) for r in (0, 1))
+    one = syncbn_case(0, 1)  # this process, no launcher: plain BatchNorm on the whole batch
+    assert (r0["converted"], one["converted"]) == (2, 0)  # both BatchNorm layers on 2 ranks; a no-op on 1
+    tol = {"atol": 1e-4, "rtol": 1e-4}  # float64 statistics on 2 ranks, float32 BatchNorm in one process
+    for k in (0, 1):  # rank 0 held images 0-1, rank 1 images 2-5: the forward is the whole batch's
+        torch.testing.assert_close(torch.cat([r0["y"][k], r1["y"][k]]), one["y"][k], **tol)
+    torch.testing.assert_close(torch.cat([r0["eval"], r1["eval"]]), one["eval"], **tol)
+    for r in (r0, r1):  # the same running statistics (and step counts) on both ranks as in one process
+        _assert_close(r["state"], one["state"], atol=1e-5)
+        for k, g in one["grads"].items():  # the backward reduces the statistics' gradients too
+            torch.testing.assert_close(r["grads"][k], g, **tol, msg=lambda m, k=k: f"{k}: {m}")

@@ -17,7 +17,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from hvdtrain import TrainConfig, checkpoint, data, dist, fit, optim, parse_config, to_dict
+from hvdtrain import (
+    TrainConfig,
+    checkpoint,
+    data,
+    dist,
+    fit,
+    optim,
+    parse_config,
+    seeding,
+    syncbn,
+    to_dict,
+)
 from hvdtrain.config import ConfigError, load_yaml
 from hvdtrain.loop import autocast_dtype, evaluate
 from hvdtrain.metrics import MeanMetric, SumMetric
@@ -131,6 +142,19 @@ def test_sharded_sampler_holds_whole_accumulation_steps_and_rejects_tiny_sets():
         data.ShardedTrainSampler(7, 2, rank=0, size=2, micro_per_step=2)
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_simulated_gpu_j_of_rank_r_gets_the_samples_of_real_rank_r_n_plus_j(accum):
+    n, b = 2, 3  # 2 ranks x 2 simulated GPUs stand for 4 ranks
+    sim = _batches(data.ShardedTrainSampler(61, b, 1, 2, seed=5, micro_per_step=n * accum, simulate_gpus=n), b)
+    for j in range(n):
+        real = _batches(data.ShardedTrainSampler(61, b, 1 * n + j, 4, seed=5, micro_per_step=accum), b)
+        # The step's micro-batches come GPU by GPU: micro-batch j x accum + a of step s is GPU j's (s x accum + a)-th.
+        mine = [sim[s * n * accum + j * accum + a] for s in range(len(real) // accum) for a in range(accum)]
+        assert mine == real
+    with pytest.raises(ValueError, match="not a multiple of simulate_gpus"):
+        data.ShardedTrainSampler(61, b, 0, 1, micro_per_step=3, simulate_gpus=2)
+
+
 @pytest.mark.parametrize("n,size", [(5, 2), (1, 4), (8, 3), (0, 2)])
 def test_evaluation_shards_visit_each_sample_exactly_once(n, size):
     shards = [list(data.EvalShardSampler(n, r, size)) for r in range(size)]
@@ -164,6 +188,116 @@ def test_set_epoch_reaches_sampler_dataset_and_worker_seed():
     assert loader.generator.initial_seed() != first
     ev = data.eval_loader(TensorDataset(torch.arange(5)), batch_size=2)
     assert [int(i) for (b,) in ev for i in b] == [0, 1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- seeding
+
+
+def _draw(seed: int, rank: int, simulate_gpus: int, accum: int, step: int, micro: int) -> torch.Tensor:
+    seeding.seed_micro_batch(seed, rank, simulate_gpus, accum, step, micro)
+    return torch.rand(8)
+
+
+def test_simulated_gpu_j_of_rank_r_draws_the_stream_of_real_rank_r_n_plus_j():
+    n, accum = 3, 2
+    for step in (0, 7):
+        for m in range(n * accum):
+            j, a = divmod(m, accum)
+            assert torch.equal(_draw(5, 1, n, accum, step, m), _draw(5, 1 * n + j, 1, accum, step, a))
+    draws = [_draw(5, r, 1, 1, 0, 0) for r in range(4)]  # real ranks: independent streams
+    assert all(not torch.equal(draws[i], draws[k]) for i in range(4) for k in range(i))
+    assert not torch.equal(_draw(5, 0, 1, 1, 0, 0), _draw(5, 0, 1, 1, 1, 0))  # a new stream each step
+    assert not torch.equal(_draw(5, 0, 1, 1, 0, 0), _draw(6, 0, 1, 1, 0, 0))  # and per seed
+    with pytest.raises(ValueError, match="outside 0..2"):
+        seeding.gpu_index(0, 3, 3)
+
+
+def test_the_loop_gives_simulated_gpu_j_of_rank_r_what_real_rank_r_n_plus_j_gets(tmp_path, monkeypatch):
+    """Data and dropout stream per micro-batch, through `fit`, with `dist.info()` standing in for the launcher."""
+
+    def run(rank: int, size: int, simulate_gpus: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        monkeypatch.setattr(dist, "_info", dist.DistInfo(rank, rank, size, size))
+        seen = []
+
+        def record(model, batch, device):
+            seen.append((batch[0], torch.rand(4)))  # the micro-batch's data and the start of its stream
+            return step_fn(model, batch, device)
+
+        _fit(tmp_path / f"r{rank}of{size}", epochs=2, step=record, simulate_gpus=simulate_gpus)
+        return seen
+
+    sim = run(1, 2, 2)  # rank 1 of 2 plays GPUs 2 and 3 of 4
+    real = run(3, 4, 1)  # rank 3 of 4
+    mine = sim[1::2]  # the step's 2nd micro-batch is simulated GPU 1 = GPU 3
+    assert len(mine) == len(real) == 8
+    for (x, r), (x_real, r_real) in zip(mine, real):
+        assert torch.equal(x, x_real) and torch.equal(r, r_real)
+    assert not torch.equal(sim[0][1], sim[1][1])
+
+
+def test_sample_rng_keys_draws_by_sample_and_leaves_the_callers_stream_alone():
+    torch.manual_seed(0)
+    with seeding.sample_rng(3, 1, 10):
+        a = torch.rand(4)
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(4), after)  # the caller's generator is restored
+    torch.manual_seed(99)  # whatever the process's state: the same sample draws the same
+    with seeding.sample_rng(3, 1, 10):
+        assert torch.equal(torch.rand(4), a)
+    for key in ((3, 1, 11), (3, 2, 10), (4, 1, 10)):
+        with seeding.sample_rng(*key):
+            assert not torch.equal(torch.rand(4), a)
+
+
+# ---------------------------------------------------------------- sync batch norm
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Sequential(nn.BatchNorm2d(4, momentum=None))
+    )
+
+
+def test_convert_swaps_batch_norm_layers_in_place_sharing_parameters_and_keys():
+    net = _bn_net()
+    before = {k: v.data_ptr() for k, v in net.state_dict().items()}
+    params = list(net.parameters())
+    assert syncbn.convert(net, syncbn.CPUSyncBatchNorm) == 2
+    assert isinstance(net[1], syncbn.CPUSyncBatchNorm) and isinstance(net[3][0], syncbn.CPUSyncBatchNorm)
+    assert {k: v.data_ptr() for k, v in net.state_dict().items()} == before  # same keys, same tensors
+    assert all(a is b for a, b in zip(net.parameters(), params))  # an optimizer built earlier still fits
+    assert optim.sync_batch_norm(net, torch.device("cpu")) == 0  # one rank: nothing to synchronise
+
+
+def test_cpu_sync_batch_norm_computes_batch_norm(monkeypatch):
+    """The synchronised path with a one-rank 'allreduce' is BatchNorm: outputs, gradients, running statistics."""
+    monkeypatch.setattr(dist, "uses_horovod", lambda: True)
+    monkeypatch.setattr(dist, "allreduce_sum_grad", lambda t: t)
+    plain, synced = _bn_net(), _bn_net()
+    syncbn.convert(synced, syncbn.CPUSyncBatchNorm)
+    x = torch.randn(5, 3, 7, 6, generator=torch.Generator().manual_seed(2)) * 4 + 30  # a large mean
+    for k in range(3):
+        ya, yb = plain(x * (k + 1)), synced(x * (k + 1))
+        torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+    (ya**2).sum().backward()
+    (yb**2).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), synced.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-3, rtol=1e-4, msg=name)
+    for (name, a), b in zip(plain.state_dict().items(), synced.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
+    plain.eval(), synced.eval()
+    torch.testing.assert_close(synced(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_sync_bn_refuses_a_model_without_batch_norm_and_simulated_gpus(tmp_path):
+    with pytest.raises(ValueError, match="no BatchNorm layer"):
+        _fit(tmp_path / "a", epochs=1, sync_bn=True)  # ToyNet: no BatchNorm
+    torch.manual_seed(0)
+    cfg = TrainConfig(run_dir=str(tmp_path / "b"), sync_bn=True, simulate_gpus=2, progress=False)
+    with pytest.raises(ValueError, match="cannot be simulated"):
+        fit(_bn_net(), data.train_loader(make_blobs(16), 2, micro_per_step=2), None, step_fn, eval_fn, ToyMetric, cfg)
 
 
 # ---------------------------------------------------------------- metrics
@@ -419,7 +553,7 @@ def test_runlog_writes_nan_as_null(tmp_path):
 # ---------------------------------------------------------------- loop
 
 
-def _fit(run_dir: Path, n_train: int = 64, **overrides):
+def _fit(run_dir: Path, n_train: int = 64, dropout: float = 0.1, step=step_fn, **overrides):
     """Train a seeded ToyNet (torch.manual_seed(0), then ToyNet()) with `overrides` of a small SGD config."""
     torch.manual_seed(0)
     base = dict(
@@ -434,10 +568,12 @@ def _fit(run_dir: Path, n_train: int = 64, **overrides):
     )
     cfg = TrainConfig(**{**base, **overrides})
     micro = cfg.accum * cfg.simulate_gpus
-    model = ToyNet()
-    train = data.train_loader(make_blobs(n_train, seed=1), cfg.batch_size_per_gpu, seed=2, micro_per_step=micro)
+    model = ToyNet(dropout=dropout)
+    train = data.train_loader(
+        make_blobs(n_train, seed=1), cfg.batch_size_per_gpu, 2, micro_per_step=micro, simulate_gpus=cfg.simulate_gpus
+    )
     val = data.eval_loader(make_blobs(12, seed=3), 4)
-    summary = fit(model, train, val, step_fn, eval_fn, ToyMetric, cfg, monitor="accuracy", mode="max")
+    summary = fit(model, train, val, step, eval_fn, ToyMetric, cfg, monitor="accuracy", mode="max")
     return summary, model
 
 
@@ -482,9 +618,10 @@ def test_preemption_on_an_epochs_last_step_finishes_the_epoch_first(tmp_path):
 
 
 def test_simulated_gpus_and_accumulation_equal_the_bigger_batch(tmp_path):
-    _, big = _fit(tmp_path / "big", batch_size_per_gpu=8, epochs=1)
-    sim, simulated = _fit(tmp_path / "sim", batch_size_per_gpu=4, simulate_gpus=2, epochs=1)
-    _, accum = _fit(tmp_path / "acc", batch_size_per_gpu=4, accum=2, epochs=1)
+    # No dropout: each GPU and micro-batch draws its own masks (hvdtrain.seeding), unlike one batch of 8.
+    _, big = _fit(tmp_path / "big", batch_size_per_gpu=8, epochs=1, dropout=0.0)
+    sim, simulated = _fit(tmp_path / "sim", batch_size_per_gpu=4, simulate_gpus=2, epochs=1, dropout=0.0)
+    _, accum = _fit(tmp_path / "acc", batch_size_per_gpu=4, accum=2, epochs=1, dropout=0.0)
     assert sim["gpus"] == 2 and sim["global_batch"] == 8 and sim["steps_per_epoch"] == 8
     assert torch.allclose(_weights(simulated), _weights(big), atol=1e-5)
     assert torch.allclose(_weights(accum), _weights(big), atol=1e-5)
