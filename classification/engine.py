@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hvdtrain import data, fit, seeding, to_dict
+from hvdtrain import batching, data, dist, fit, seeding, to_dict
 
 from .augment import EvalPipeline, TrainPipeline, mix_batch
 from .cache import CachedDataset, ImageCache, prepare_cache
@@ -223,6 +223,7 @@ def fold_run(
     `cache`: the run's image cache (`run_cache`); with `cfg.cache` and none given, one is prepared in the fold's run
     folder (or `cfg.cache_dir`).
     """
+    cfg = batching.resolve(cfg, dist.info().size)  # --global-batch: per-GPU batch and accumulation for this size
     names = index.class_names
     if cfg.cache and cache is None:
         cache = run_cache(cfg, index)

@@ -20,14 +20,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, dist, fastpath, optim, resume, seeding, syncbn, watchdog
+from . import batching, checkpoint, dist, fastpath, optim, resume, seeding, syncbn, watchdog
 from .atomic import write_text_atomic
 from .config import TrainConfig, to_dict
 from .data import set_epoch
 from .metrics import Metric
 from .optimizers import build_optimizer
 from .runlog import RunLog
-from .schedule import LRSchedule, scale_lr
+from .schedule import LRSchedule
 
 __all__ = [
     "TrainState",
@@ -324,9 +324,9 @@ def fit(
     config = dict(config or to_dict(cfg))
     micro = cfg.accum * cfg.simulate_gpus
     gpus = d.size * cfg.simulate_gpus
-    global_batch = cfg.batch_size_per_gpu * gpus * cfg.accum
-    # hvd: LR scaled in GPUs x accumulation; Adasum combines gradients without averaging, so no scaling.
-    peak_lr = cfg.lr if cfg.adasum else scale_lr(cfg.lr, cfg.lr_rule, gpus * cfg.accum)
+    global_batch = batching.check(cfg, d.size)
+    # hvd: LR scaled in GPUs x accumulation (weak scaling); not for a fixed --global-batch, nor for Adasum.
+    peak_lr = batching.peak_lr(cfg, gpus)
     steps_per_epoch = len(train_loader) // micro
     if steps_per_epoch == 0:
         raise ValueError(f"an epoch has {len(train_loader)} micro-batches per rank, fewer than the {micro} of one step")
@@ -360,7 +360,7 @@ def fit(
         if ckpt is not None:
             resume.check(ckpt, config, model, str(path or "rank 0's checkpoint"))  # before any weight is loaded
             _restore(ckpt, model, schedule, scaler, state)
-            resume.adapt_position(state, ckpt, micro, steps_per_epoch)
+            resume.adapt_position(state, ckpt, micro, steps_per_epoch, cfg.batch_size_per_gpu)
             dist.print0(f"resumed from {path} at epoch {state.epoch}, step {state.step}")
     optimizer = optim.distribute(base_optimizer, model, micro, cfg.fp16_allreduce, cfg.adasum)
     if cfg.resume and ckpt is not None:
@@ -371,7 +371,10 @@ def fit(
         optim.broadcast_parameters(model)  # hvd: identical starting weights everywhere
     # Bytes allreduced per step: the scaling model's input (communication time against GPU count).
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    config.update(world_size=d.size, gpus=gpus, global_batch=global_batch, peak_lr=peak_lr, grad_bytes=grad_bytes)
+    scaling = "weak" if cfg.global_batch is None else "strong"
+    config.update(
+        world_size=d.size, gpus=gpus, global_batch=global_batch, scaling=scaling, peak_lr=peak_lr, grad_bytes=grad_bytes
+    )
     log = RunLog(run_dir)
     log.write_json("config.json", config)
     if dist.is_main():
@@ -380,8 +383,8 @@ def fit(
         (run_dir / "STALLED").unlink(missing_ok=True)  # left by the watchdog of the run this one resumes
     dist.print0(
         f"{d.size} rank(s) x {cfg.simulate_gpus} simulated = {gpus} GPU(s); batch {cfg.batch_size_per_gpu}"
-        f"/GPU x accum {cfg.accum} = global batch {global_batch}; lr {cfg.lr} -> {peak_lr:.4g} "
-        f"({cfg.lr_rule}), {steps_per_epoch} steps/epoch"
+        f"/GPU x accum {cfg.accum} = global batch {global_batch} ({scaling} scaling); lr {cfg.lr} -> {peak_lr:.4g} "
+        f"({cfg.lr_rule if scaling == 'weak' else 'fixed global batch: not scaled'}), {steps_per_epoch} steps/epoch"
     )
     preemption = Preemption(cfg.preempt_at_step)
     watchdog.start(cfg.stall_timeout, d.rank, run_dir / "STALLED")  # ends this rank if another one hangs
@@ -473,6 +476,7 @@ def fit(
         "batch_size_per_gpu": cfg.batch_size_per_gpu,
         "accum": cfg.accum,
         "global_batch": global_batch,
+        "scaling": scaling,
         "lr": peak_lr,
         "lr_rule": cfg.lr_rule,
         "epochs": cfg.epochs,

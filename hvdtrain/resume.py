@@ -61,7 +61,7 @@ SHAPE_OR_TASK = frozenset(
 )
 
 #: keys the loop adds to the saved config; compared through the world-size remapping, not here
-_DERIVED = frozenset({"world_size", "gpus", "global_batch", "peak_lr", "resume", "run_dir"})
+_DERIVED = frozenset({"world_size", "gpus", "global_batch", "scaling", "peak_lr", "resume", "run_dir"})
 
 
 class ResumeMismatchError(CheckpointError):
@@ -129,13 +129,30 @@ def check(ckpt: dict[str, Any], config: dict[str, Any], model: nn.Module, source
         dist.print0(f"resuming {source} with changed settings: " + "; ".join(changes))
 
 
-def adapt_position(state: Any, ckpt: dict[str, Any], micro: int, steps_per_epoch: int) -> None:
-    """Remap `state` (a restored `loop.TrainState`) when the world size differs from the checkpoint's."""
-    old = int((ckpt.get("config") or {}).get("world_size", len(ckpt.get("rng", [])) or 1))
+def adapt_position(
+    state: Any, ckpt: dict[str, Any], micro: int, steps_per_epoch: int, batch_size_per_gpu: int | None = None
+) -> None:
+    """Remap `state` (a restored `loop.TrainState`) when the world size or per-GPU batch differs from the checkpoint's.
+
+    A new per-GPU batch (strong scaling on another GPU count: `hvdtrain.batching`) counts the micro-batches trained
+    in units of the new one first, so the remapping stays one of samples seen.
+    """
+    saved = ckpt.get("config") or {}
+    old = int(saved.get("world_size", len(ckpt.get("rng", [])) or 1))
     new = dist.info().size
-    if old == new:
+    old_b = int(saved.get("batch_size_per_gpu", batch_size_per_gpu or 1))
+    new_b = batch_size_per_gpu or old_b
+    if old == new and old_b == new_b:
         return
-    batch, step, note = remap_position(state.batch_in_epoch, old, new, micro, steps_per_epoch, state.epoch)
+    batch = state.batch_in_epoch * old_b // new_b if state.batch_in_epoch * old_b % new_b == 0 else 0
+    if old == new:  # remap_position changes nothing at the same size: check the whole steps here
+        batch = batch if batch % micro == 0 else 0
+        state.batch_in_epoch, state.step = batch, state.epoch * steps_per_epoch + batch // micro
+        dist.print0(
+            f"resuming with {new_b} instead of {old_b} samples per GPU: epoch {state.epoch} at step {state.step}"
+        )
+        return
+    batch, step, note = remap_position(batch, old, new, micro, steps_per_epoch, state.epoch)
     state.batch_in_epoch, state.step = batch, step
     dist.print0(
         f"resuming a {old}-rank run on {new} ranks: optimizer step {step} of the new schedule; dropout streams "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hvdtrain import TrainConfig, arg, data, dist, fit, parse_config, seeding, to_dict
+from hvdtrain import TrainConfig, arg, batching, data, dist, fit, parse_config, seeding, to_dict
 from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
 
 
@@ -28,7 +28,7 @@ class DemoConfig(TrainConfig):
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(DemoConfig, argv)
-    dist.init(cfg.threads or None, cfg.stall_timeout)
+    cfg = batching.resolve(cfg, dist.init(cfg.threads or None, cfg.stall_timeout).size)
     seeding.seed_init(cfg.seed)
     train = data.train_loader(
         make_blobs(cfg.n_train, seed=cfg.seed),

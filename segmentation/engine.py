@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hvdtrain import data, dist, fit, seeding
+from hvdtrain import batching, data, dist, fit, seeding
 from hvdtrain.config import to_dict
 
 from .config import UNetConfig
@@ -248,6 +248,7 @@ def fit_unet(
 
     Returns (the `hvdtrain.fit` summary plus `train_samples`, the model, the validation loader, its eval_fn).
     """
+    cfg = batching.resolve(cfg, dist.info().size)  # --global-batch: per-GPU batch and accumulation for this size
     ds = patch_dataset(cfg, train_cases)
     micro = cfg.accum * cfg.simulate_gpus
     train = data.train_loader(

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from hvdtrain import (
     TrainConfig,
+    batching,
     checkpoint,
     data,
     dist,
@@ -248,6 +249,76 @@ def test_sample_rng_keys_draws_by_sample_and_leaves_the_callers_stream_alone():
     for key in ((3, 1, 11), (3, 2, 10), (4, 1, 10)):
         with seeding.sample_rng(*key):
             assert not torch.equal(torch.rand(4), a)
+
+
+# ---------------------------------------------------------------- strong scaling
+
+
+@pytest.mark.parametrize(
+    "g,gpus,cap,expected", [(64, 4, 8, (8, 2)), (64, 4, 16, (16, 1)), (48, 2, 5, (4, 6)), (7, 7, 3, (1, 1))]
+)
+def test_global_batch_splits_into_the_largest_micro_batch_that_fits(g, gpus, cap, expected):
+    assert batching.split_global_batch(g, gpus, cap) == expected
+
+
+def test_a_global_batch_that_does_not_divide_names_the_multiples():
+    with pytest.raises(batching.BatchingError, match=r"--global-batch 10 does not divide over 3 GPU.*such as 9 or 12"):
+        batching.split_global_batch(10, 3, 4)
+    with pytest.raises(batching.BatchingError, match="multiple of 4 such as 4$"):
+        batching.split_global_batch(2, 4, 8)
+
+
+def test_resolve_derives_batch_and_accumulation_and_the_lr_stays_fixed():
+    cfg = TrainConfig(global_batch=16, batch_size_per_gpu=4, lr=0.1, lr_rule="linear")
+    for ranks, sim, want in ((1, 1, (4, 4)), (2, 1, (4, 2)), (1, 2, (4, 2)), (4, 1, (4, 1)), (8, 2, (1, 1))):
+        r = batching.resolve(dataclasses.replace(cfg, simulate_gpus=sim), ranks)
+        assert (r.batch_size_per_gpu, r.accum) == want and batching.check(r, ranks) == 16
+        assert batching.resolve(r, ranks) == r  # idempotent
+        assert batching.peak_lr(r, ranks * sim) == 0.1  # not scaled by the GPU count
+    weak = TrainConfig(batch_size_per_gpu=4, lr=0.1, lr_rule="linear", accum=2)
+    assert batching.resolve(weak, 4) == weak and batching.peak_lr(weak, 4) == pytest.approx(0.8)
+    with pytest.raises(batching.BatchingError, match="resolve"):
+        batching.check(cfg, 2)  # 4/GPU x 2 x accum 1 = 8, not 16
+    with pytest.raises(batching.BatchingError, match="leave --accum at 1"):
+        batching.resolve(dataclasses.replace(cfg, accum=3), 2)
+
+
+def test_strong_scaling_is_the_same_optimisation_on_one_and_on_simulated_gpus(tmp_path):
+    """--global-batch 16: 1 GPU (4 x accum 4), 2 simulated GPUs (4 x accum 2), 4 (4 x 1): same steps, LR, weights."""
+    runs = {}
+    for sim in (1, 2, 4):
+        over = dict(global_batch=16, simulate_gpus=sim, lr_rule="linear", warmup_epochs=1.0, epochs=2, dropout=0.0)
+        summary, model = _fit(tmp_path / f"sim{sim}", **over)
+        lrs = [json.loads(x)["lr"] for x in (tmp_path / f"sim{sim}" / "metrics.jsonl").read_text().splitlines()]
+        runs[sim] = (summary, lrs, _weights(model))
+    s1, lr1, w1 = runs[1]
+    assert (s1["global_batch"], s1["scaling"], s1["accum"], s1["steps_per_epoch"], s1["lr"]) == (
+        16,
+        "strong",
+        4,
+        4,
+        0.05,
+    )
+    for sim in (2, 4):
+        s, lrs, w = runs[sim]
+        assert (s["global_batch"], s["gpus"], s["steps_per_epoch"], s["lr"]) == (16, sim, 4, 0.05)
+        assert s["accum"] == 4 // sim and lrs == lr1  # the same LR at every logged step
+        assert torch.allclose(w, w1, atol=1e-5)
+    cfg = json.loads((tmp_path / "sim2" / "config.json").read_text())
+    assert (cfg["global_batch"], cfg["scaling"], cfg["peak_lr"]) == (16, "strong", 0.05)
+
+
+@pytest.mark.parametrize("size,batch,micro", [(2, 4, 2), (2, 8, 1), (1, 2, 8)])
+def test_a_strong_scaling_resume_on_another_gpu_count_keeps_the_step(monkeypatch, size, batch, micro):
+    """Saved: 1 GPU, 4/GPU x accum 4 (global 16), 2 of 4 steps into epoch 1; resumed with another split of 16."""
+    from types import SimpleNamespace
+
+    from hvdtrain import resume
+
+    monkeypatch.setattr(dist, "_info", dist.DistInfo(0, 0, size, size))
+    state = SimpleNamespace(epoch=1, step=6, batch_in_epoch=8)
+    resume.adapt_position(state, {"config": {"world_size": 1, "batch_size_per_gpu": 4}}, micro, 4, batch)
+    assert (state.step, state.batch_in_epoch) == (6, 2 * micro)  # 2 steps of 16 samples into the epoch, as before
 
 
 # ---------------------------------------------------------------- sync batch norm
@@ -566,7 +637,7 @@ def _fit(run_dir: Path, n_train: int = 64, dropout: float = 0.1, step=step_fn, *
         optimizer="sgd",
         progress=False,
     )
-    cfg = TrainConfig(**{**base, **overrides})
+    cfg = batching.resolve(TrainConfig(**{**base, **overrides}), 1)
     micro = cfg.accum * cfg.simulate_gpus
     model = ToyNet(dropout=dropout)
     train = data.train_loader(

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from hvdtrain.batching import split_global_batch
 from hvdtrain.schedule import scale_lr
 
 __all__ = ["RULES", "ScaleError", "Reference", "Plan", "lr_factor", "plan_for"]
@@ -105,9 +106,7 @@ def _split_batch(global_batch: int, gpus: int, max_per_gpu: int) -> tuple[int, i
             f"{gpus} GPUs: the tuned global batch {global_batch} does not split evenly over them; "
             "drop --keep-global-batch or pick GPU counts that divide it"
         )
-    per = global_batch // gpus
-    batch = max(d for d in range(1, min(per, max_per_gpu) + 1) if per % d == 0)
-    return batch, per // batch
+    return split_global_batch(global_batch, gpus, max_per_gpu)  # the trainers' --global-batch rule
 
 
 def _steps(train_samples: int | None, global_batch: int, gpus: int) -> int | None:
