@@ -27,8 +27,9 @@ from torch.utils.data import Dataset
 
 from hvdtrain import dist
 from hvdtrain.atomic import save_npy_atomic, write_text_atomic
+from hvdtrain.seeding import sample_rng
 
-from .data import DataError, ImageReadError, Sample, load_rgb, mask_stem, per_sample_rng
+from .data import DataError, ImageReadError, Sample, load_rgb, mask_stem
 
 __all__ = ["CACHE_VERSION", "ImageCache", "mask_paths", "square_uint8", "read_mask", "source_stamp", "build_cache",
            "prepare_cache", "CachedDataset"]  # fmt: skip
@@ -204,7 +205,7 @@ class CachedDataset(Dataset):
         j = self.indices[i]
         image = torch.from_numpy(np.array(self.cache.images[j])).permute(2, 0, 1)
         mask = torch.from_numpy(np.array(self.cache.masks[j]))[None]
-        with per_sample_rng(self.seed, self.epoch, i):
+        with sample_rng(self.seed, self.epoch, i):
             x, m = self.pipeline(image, mask)
         return x, int(self._labels[i]), i, m
 

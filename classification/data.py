@@ -19,7 +19,6 @@ Bad input policy (the same for folders and manifests):
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import re
@@ -49,7 +48,6 @@ __all__ = [
     "load_index",
     "list_images",
     "ImageDataset",
-    "per_sample_rng",
 ]
 
 log = logging.getLogger(__name__)
@@ -334,11 +332,6 @@ def list_images(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def per_sample_rng(seed: int | None, epoch: int, index: int) -> contextlib.AbstractContextManager:
-    """`hvdtrain.seeding.sample_rng` for a seeded dataset; nothing for an unseeded (evaluation) one."""
-    return contextlib.nullcontext() if seed is None else sample_rng(seed, epoch, index)
-
-
 class ImageDataset(Dataset):
     """`(image, label, index)` for each sample; `index` is the position in `samples`.
 
@@ -366,7 +359,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         s = self.samples[i]
-        with per_sample_rng(self.seed, self.epoch, i):
+        with sample_rng(self.seed, self.epoch, i):
             return self.transform(load_rgb(s.path)), s.label, i
 
     @property

@@ -59,8 +59,14 @@ def seed_micro_batch(seed: int, rank: int, simulate_gpus: int, accum: int, step:
 
 
 @contextlib.contextmanager
-def sample_rng(seed: int, epoch: int, index: int) -> Iterator[None]:
-    """Torch's CPU generator keyed by (seed, epoch, sample index) inside; the caller's state is restored after."""
+def sample_rng(seed: int | None, epoch: int, index: int) -> Iterator[None]:
+    """Torch's CPU generator keyed by (seed, epoch, sample index) inside; the caller's state is restored after.
+
+    `seed` None (an unseeded, e.g. evaluation, dataset) leaves torch's generator as it is.
+    """
+    if seed is None:
+        yield
+        return
     with torch.random.fork_rng(devices=[]):  # CPU only: augmentation runs in the loader, on the CPU
         torch.manual_seed(stream_seed(AUGMENT, seed, epoch, index))
         yield
