@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import batching, checkpoint, dist, fastpath, optim, resume, seeding, syncbn, watchdog
+from . import batching, checkpoint, dist, fastpath, optim, pooling, resume, seeding, syncbn, watchdog
 from .atomic import write_text_atomic
 from .config import TrainConfig, to_dict
 from .data import set_epoch
@@ -132,12 +132,22 @@ def train_one_epoch(
     preempted = after_epoch = False
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     n_batches = len(loader)
-    data_s, t_data = 0.0, time.perf_counter()
-    for i, batch in enumerate(loader):
-        data_s += time.perf_counter() - t_data  # waiting for the loader: the input pipeline's share of the step
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    def reseed(m: int) -> int:
         # This GPU's own dropout stream (rank, or simulated GPU), keyed by its position in the run.
-        seeding.seed_micro_batch(cfg.seed, rank, cfg.simulate_gpus, cfg.accum, state.step, state.batch_in_epoch % micro)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return seeding.seed_micro_batch(cfg.seed, rank, cfg.simulate_gpus, cfg.accum, state.step, m)
+
+    batches = _with_statistics_pass(loader, micro, model, step_fn, reseed, device, autocast)
+    data_s, t_data = 0.0, time.perf_counter()
+    for i, batch in enumerate(batches):
+        data_s += time.perf_counter() - t_data  # waiting for the loader: the input pipeline's share of the step
+        m = state.batch_in_epoch % micro
+        reseed(m)
+        # Simulated GPUs after a rank's first leave the running statistics alone: a real run keeps rank 0's.
+        with pooling.running_stats_frozen(model, frozen=m >= cfg.accum), autocast():
             loss, n = step_fn(model, batch, device)
         nonfinite += ~torch.isfinite(loss.detach())  # checked once per step, with the other ranks
         # Each micro-batch's loss is its local mean: divide so the accumulated gradient is the step's mean.
@@ -181,11 +191,43 @@ def train_one_epoch(
         "loss_sum": loss_sum.item(),
         "samples": samples,
         "comm_s": comm_s,
-        "data_s": data_s,
+        "data_s": data_s - getattr(batches, "pass_s", 0.0),  # the statistics pass is compute, not data wait
         "lr": lr,
         "preempted": preempted,
         "preempt_after_epoch": after_epoch,
     }
+
+
+class _StatisticsPass:
+    """The loader's batches, with a step's statistics pass run on its micro-batches before the first is yielded."""
+
+    def __init__(self, loader, micro: int, prepass: Callable[[list], None]):
+        self.loader, self.micro, self.prepass, self.pass_s = loader, micro, prepass, 0.0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        group: list = []
+        for batch in self.loader:
+            group.append(batch)
+            if len(group) == self.micro:  # the sampler hands out whole steps
+                t0 = time.perf_counter()
+                self.prepass(group)
+                self.pass_s += time.perf_counter() - t0
+                yield from group
+                group = []
+
+
+def _with_statistics_pass(loader, micro: int, model: nn.Module, step_fn: StepFn, reseed, device, autocast):
+    """`loader` itself, or with a statistics pass per step when the loss pools statistics over the global batch
+    (`step_fn.global_stats`, see `hvdtrain.pooling`) and a step has several micro-batches."""
+    stats = getattr(step_fn, "global_stats", None)
+    if stats is None or micro == 1:  # one micro-batch: the loss's own differentiable allreduce is exact
+        return loader
+    return _StatisticsPass(
+        loader, micro, lambda group: pooling.statistics_pass(model, group, step_fn, stats, reseed, device, autocast)
+    )
 
 
 @torch.no_grad()
@@ -436,6 +478,7 @@ def fit(
             value = plateau_value = None
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 t1 = time.perf_counter()
+                optim.broadcast_running_stats(model)  # hvd: every rank validates the model rank 0 saves
                 last_val = evaluate(model, val_loader, eval_fn, make_metric(), device, cfg.amp)
                 val_time = time.perf_counter() - t1
                 value = last_val.get(monitor)

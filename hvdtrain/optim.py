@@ -9,7 +9,14 @@ from torch import nn
 
 from . import dist, syncbn
 
-__all__ = ["distribute", "broadcast_parameters", "sync_batch_norm", "synchronize", "skip_synchronize"]
+__all__ = [
+    "distribute",
+    "broadcast_parameters",
+    "broadcast_running_stats",
+    "sync_batch_norm",
+    "synchronize",
+    "skip_synchronize",
+]
 
 
 def distribute(
@@ -49,6 +56,22 @@ def broadcast_parameters(model: nn.Module) -> None:
         import horovod.torch as hvd
 
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # hvd:
+
+
+def broadcast_running_stats(model: nn.Module) -> None:
+    """Rank 0's normalisation running statistics on every rank (before validation).
+
+    Each rank's BatchNorm tracks its own batches; the checkpoint holds rank 0's, so validating with rank 0's on
+    every rank scores the model that is saved, and the same model a simulated run (whose GPUs other than the
+    first leave them alone) scores.
+    """
+    if dist.uses_horovod():
+        import horovod.torch as hvd
+
+        names = ("running_mean", "running_var", "num_batches_tracked")
+        buffers = {f"running_stats.{k}": b for k, b in model.named_buffers() if k.rsplit(".", 1)[-1] in names}
+        if buffers:
+            hvd.broadcast_parameters(buffers, root_rank=0)  # hvd: fixed names, one per buffer
 
 
 def sync_batch_norm(model: nn.Module, device: torch.device) -> int:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hvdtrain import batching, data, dist, fit, seeding
+from hvdtrain import batching, data, dist, fit, pooling, seeding
 from hvdtrain.config import to_dict
 
 from .config import UNetConfig
@@ -189,21 +189,27 @@ def patch_dataset(cfg: UNetConfig, cases: Sequence[CachedCase]) -> PatchDataset:
 def make_loss(cfg: UNetConfig, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
     """Dice (+ BCE) loss, wrapped for deep supervision; global-batch Dice when `cfg.global_dice`.
 
-    `reduce_fn` defaults to `hvdtrain.dist.allreduce_sum_grad` when `cfg.global_dice and cfg.batch_dice`.
+    `reduce_fn` defaults to a `hvdtrain.pooling.GlobalStats` when `cfg.global_dice and cfg.batch_dice`: the Dice of
+    the whole global batch, over ranks, accumulation steps and simulated GPUs alike.
     """
     if reduce_fn is None and cfg.global_dice and cfg.batch_dice:
-        reduce_fn = dist.allreduce_sum_grad
+        reduce_fn = pooling.GlobalStats()
     dice = DiceLoss("sigmoid", cfg.batch_dice, cfg.smooth, cfg.smooth, cfg.ce_weight, reduce_fn=reduce_fn)
     return DeepSupervisionLoss(dice)
 
 
 def make_step_fn(loss_fn: nn.Module) -> Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, int]]:
-    """`step_fn(model, (image, label), device) -> (local loss, patches)` for `hvdtrain.fit`."""
+    """`step_fn(model, (image, label), device) -> (local loss, patches)` for `hvdtrain.fit`.
+
+    It carries the loss's `GlobalStats` (or None) as `step_fn.global_stats`, for the trainer's statistics pass.
+    """
 
     def step_fn(model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
         image, label = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         return loss_fn(model(image), label), int(image.shape[0])
 
+    reduce_fn = getattr(getattr(loss_fn, "loss", loss_fn), "reduce_fn", None)
+    step_fn.global_stats = reduce_fn if isinstance(reduce_fn, pooling.GlobalStats) else None  # type: ignore[attr-defined]
     return step_fn
 
 

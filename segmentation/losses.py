@@ -9,10 +9,10 @@ summed over the spatial axes (per-sample Dice, `batch_dice=False`, then averaged
 also over the batch (`batch_dice=True`, one Dice per channel for the whole batch).
 
 Global-batch Dice across ranks: with `batch_dice=True`, the stacked (tp, fp, fn) sums go through `reduce_fn`
-before the ratio. The trainer passes `hvdtrain.dist.allreduce_sum_grad` (a differentiable sum over ranks), so the
-loss is the Dice of the global batch and does not change meaning with the number of GPUs (nnU-Net gathers
-tp/fp/fn under DDP the same way). Per-sample Dice needs no reduction: its mean over ranks is what gradient
-averaging already computes, so `reduce_fn` is not applied then.
+before the ratio. The trainer passes a `hvdtrain.pooling.GlobalStats` (a differentiable sum over ranks, and over
+a step's micro-batches with accumulation or simulated GPUs), so the loss is the Dice of the global batch and does
+not change meaning with the number of GPUs (nnU-Net gathers tp/fp/fn under DDP the same way). Per-sample Dice needs
+no reduction: its mean over ranks is what gradient averaging already computes, so `reduce_fn` is not applied then.
 
 Empty ground truth, per-sample: with the default tiny smoothing the loss of a nodule-free patch is ~0 for an
 empty prediction and ~1 with vanishing gradient otherwise; batch Dice or the cross-entropy term give such
@@ -60,7 +60,7 @@ class DiceLoss(nn.Module):
         ce_weight: weight of the cross-entropy term (BCE-with-logits for sigmoid), 0 for Dice only.
         include_background: with softmax, whether class 0 counts in the Dice (nnU-Net leaves it out).
         reduce_fn: applied to the stacked `(3, C)` tp/fp/fn sums when `batch_dice` is on (identity by default);
-            pass `hvdtrain.dist.allreduce_sum_grad` for a global-batch Dice across ranks.
+            pass `hvdtrain.pooling.GlobalStats()` for a global-batch Dice across ranks and micro-batches.
 
     Shapes:
         logits `(B, C, X, Y, Z)` float; target `(B, C, X, Y, Z)` (sigmoid, 0/1 or soft) or as above (softmax).
@@ -111,7 +111,7 @@ class DiceLoss(nn.Module):
             p, g = p[:, 1:], g[:, 1:]
         stats = soft_dice_stats(p, g, self.batch_dice)
         if self.batch_dice:
-            stats = self.reduce_fn(stats)  # hvd: global tp/fp/fn when the trainer passes allreduce_sum_grad
+            stats = self.reduce_fn(stats)  # hvd: global tp/fp/fn when the trainer passes GlobalStats
         tp, fp, fn = stats[0], stats[1], stats[2]
         dice = (2 * tp + self.smooth_nr) / (2 * tp + fp + fn + self.smooth_dr)
         loss = 1 - dice.mean()
