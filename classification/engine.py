@@ -7,7 +7,6 @@ count each validation image exactly once across ranks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hvdtrain import batching, data, dist, fit, seeding, to_dict
+from hvdtrain import Run, batching, data, dist, seeding, to_dict
 
 from .augment import EvalPipeline, TrainPipeline, mix_batch
 from .cache import CachedDataset, ImageCache, prepare_cache
@@ -41,8 +40,7 @@ __all__ = [
     "metric_factory",
     "fold_datasets",
     "subset_dataset",
-    "FoldRun",
-    "fold_run",
+    "build_run",
 ]
 
 
@@ -179,46 +177,15 @@ def run_cache(cfg: ClassifierConfig, index: ImageIndex, run_dir: str | Path | No
     return prepare_cache(index.samples, folder, cfg.resize_size or default_resize(cfg.image_size))
 
 
-@dataclass
-class FoldRun:
-    """One fold's model, loaders, metric and loss, built the same way for `jobs.train_classifier` and `jobs.tune`."""
-
-    cfg: ClassifierConfig
-    model: nn.Module
-    train: Any  # DataLoader
-    val: Any  # DataLoader
-    make_metric: Callable[[], ClassificationMetric]
-    loss: nn.Module
-    config: dict[str, Any]
-    step_fn: Callable | None = None
-    eval_fn: Callable | None = None
-
-    def fit(self, on_epoch_end: Callable[[dict], None] | None = None) -> dict[str, Any]:
-        """`hvdtrain.fit` on this fold (a collective); its summary plus `train_samples`."""
-        summary = fit(
-            self.model,
-            self.train,
-            self.val,
-            self.step_fn or make_step_fn(self.loss),
-            self.eval_fn or eval_fn,
-            self.make_metric,
-            self.cfg,
-            self.config,
-            monitor=self.cfg.monitor,
-            mode=monitor_mode(self.cfg.monitor),
-            on_epoch_end=on_epoch_end,
-        )
-        return {**summary, "train_samples": len(self.train.dataset)}
-
-
-def fold_run(
+def build_run(
     cfg: ClassifierConfig,
     index: ImageIndex,
     fold: Fold,
     extra_config: dict[str, Any] | None = None,
     cache: ImageCache | None = None,
-) -> FoldRun:
-    """Build a fold's run from `cfg` (its `run_dir` and `seed` are the fold's); the model is seeded by `cfg.seed`.
+) -> Run:
+    """A fold's run for `hvdtrain.fit` (its `run_dir` and `seed` are the fold's), shared by `classification.crossval`
+    and `jobs.tune`; the model is seeded by `cfg.seed`. Every rank builds it.
 
     `cache`: the run's image cache (`run_cache`); with `cfg.cache` and none given, one is prepared in the fold's run
     folder (or `cfg.cache_dir`).
@@ -253,9 +220,9 @@ def fold_run(
         **(extra_config or {}),
     }
     step = make_step_fn(loss, len(names), cfg.mixup, cfg.cutmix, cfg.mask_weight)
-    return FoldRun(
-        cfg, model, train, val, metric_factory(names, len(val_ds)), loss, config, step, tta_eval_fn if cfg.tta else None
-    )
+    evaluate_step = tta_eval_fn if cfg.tta else eval_fn
+    metric = metric_factory(names, len(val_ds))
+    return Run(model, train, val, step, evaluate_step, metric, config, cfg.monitor, monitor_mode(cfg.monitor))
 
 
 def recipe_config(cfg: ClassifierConfig) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """hvdtrain: the distributed-training core shared by every trainer (Horovod behind one seam)."""
 
-from . import batching, checkpoint, data, dist, metrics, optim, schedule, seeding, syncbn
+from . import batching, checkpoint, data, dist, metrics, schedule, seeding, syncbn
 from .config import TrainConfig, arg, parse_config, to_dict
-from .loop import evaluate, fit, train_one_epoch
+from .loop import evaluate, evaluate_best, fit, train_one_epoch
+from .run import Run, RunPaths
 
 __all__ = [
     "batching",
@@ -10,7 +11,6 @@ __all__ = [
     "data",
     "dist",
     "metrics",
-    "optim",
     "schedule",
     "seeding",
     "syncbn",
@@ -19,6 +19,9 @@ __all__ = [
     "parse_config",
     "to_dict",
     "evaluate",
+    "evaluate_best",
     "fit",
+    "Run",
+    "RunPaths",
     "train_one_epoch",
 ]

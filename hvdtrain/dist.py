@@ -1,16 +1,18 @@
-"""The one seam to Horovod: rank set-up, collectives and rank-0 printing.
+"""The one seam to Horovod: rank set-up, collectives, rank-0 printing and the optimizer recipe.
 
-Everything else in the suite talks to other ranks through this module (and `optim.py` for the optimizer wrapper),
-so a run with one process needs no launcher and no Horovod at all, and a `torch.distributed` backend would plug in
-here.
+Everything else in the suite talks to other ranks through this module (ruff bans `import horovod` elsewhere in
+hvdtrain), so a run with one process needs no launcher and no Horovod at all, and a `torch.distributed` backend would
+replace this file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,11 +26,20 @@ __all__ = [
     "allreduce",
     "allreduce_sum_grad",
     "broadcast_object",
+    "on_main_then_broadcast",
     "allgather_object",
     "barrier",
     "uses_horovod",
     "wait_quietly",
+    "distribute_optimizer",
+    "broadcast_parameters",
+    "broadcast_running_stats",
+    "horovod_sync_batch_norm",
+    "synchronize",
+    "skip_synchronize",
 ]
+
+T = TypeVar("T")
 
 # Environment variables that a launcher sets; their presence means we must run under Horovod.
 _LAUNCHER_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
@@ -70,7 +81,7 @@ def init(threads: int | None = None, stall_timeout: float = 0.0) -> DistInfo:
                 from .watchdog import stall_check_seconds
 
                 os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(stall_check_seconds(stall_timeout)))
-            import horovod.torch as hvd  # hvd: imported only here and in optim.py
+            import horovod.torch as hvd  # hvd: the only import of Horovod in hvdtrain (ruff bans others)
 
             hvd.init()  # hvd:
             _hvd = hvd
@@ -186,6 +197,23 @@ def broadcast_object(obj: Any, root: int = 0) -> Any:
     return _hvd.broadcast_object(obj, root_rank=root, name="broadcast_object")  # hvd:
 
 
+def on_main_then_broadcast(fn: Callable[[], T], errors: tuple[type[BaseException], ...] = (OSError, ValueError)) -> T:
+    """Rank 0 runs `fn` (scanning, splitting, writing files); every rank returns its result, or raises its error.
+
+    Without carrying the error, a failure on rank 0 would leave the other ranks waiting in the broadcast forever.
+    """
+    outcome: Any = None
+    if is_main():
+        try:
+            outcome = (True, fn())
+        except errors as e:
+            outcome = (False, e)
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise value
+    return value
+
+
 def allgather_object(obj: Any) -> list[Any]:
     """Every rank's object, in rank order, on every rank (for small per-case results)."""
     if _hvd is None:
@@ -196,3 +224,76 @@ def allgather_object(obj: Any) -> list[Any]:
 def barrier() -> None:
     if _hvd is not None:
         _hvd.allreduce(torch.zeros(1), name="barrier")  # hvd: a tiny allreduce is a barrier on every backend
+
+
+# The optimizer recipe: gradient averaging, the initial broadcast, waiting for the allreduce.
+
+
+def distribute_optimizer(
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    backward_passes_per_step: int = 1,
+    fp16_allreduce: bool = False,
+    adasum: bool = False,
+):
+    """Wrap `optimizer` so that gradients are averaged (or Adasum-combined) across ranks.
+
+    With accumulation, Horovod counts `backward_passes_per_step` backward passes locally and starts the
+    allreduce on the last one; the loop calls `step()` once per that many micro-batches. With one rank the
+    optimizer is returned as it is.
+    """
+    if _hvd is None:
+        return optimizer
+    return _hvd.DistributedOptimizer(  # hvd:
+        optimizer,
+        named_parameters=model.named_parameters(),
+        compression=_hvd.Compression.fp16 if fp16_allreduce else _hvd.Compression.none,
+        backward_passes_per_step=backward_passes_per_step,
+        op=_hvd.Adasum if adasum else _hvd.Average,
+    )
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Rank 0's weights on every rank before the first step.
+
+    The optimizer state is not broadcast for a fresh start: it is empty and identical everywhere, and
+    `hvd.broadcast_optimizer_state` would run a zero-gradient step that moves AdamW weights (horovod#2805).
+    Resumed state reaches every rank through the checkpoint (see `checkpoint.load_on_all_ranks`).
+    """
+    if _hvd is not None:
+        _hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # hvd:
+
+
+def broadcast_running_stats(model: torch.nn.Module) -> None:
+    """Rank 0's normalisation running statistics on every rank (before validation).
+
+    Each rank's BatchNorm tracks its own batches; the checkpoint holds rank 0's, so validating with rank 0's on
+    every rank scores the model that is saved, and the same model a simulated run (whose GPUs other than the
+    first leave them alone) scores.
+    """
+    if _hvd is not None:
+        names = ("running_mean", "running_var", "num_batches_tracked")
+        buffers = {f"running_stats.{k}": b for k, b in model.named_buffers() if k.rsplit(".", 1)[-1] in names}
+        if buffers:
+            _hvd.broadcast_parameters(buffers, root_rank=0)  # hvd: fixed names, one per buffer
+
+
+def horovod_sync_batch_norm() -> type[torch.nn.Module]:
+    """Horovod's SyncBatchNorm layer class (GPU tensors only); call under Horovod."""
+    if _hvd is None:
+        raise RuntimeError("Horovod's SyncBatchNorm needs a run under horovodrun (more than one rank)")
+    return _hvd.SyncBatchNorm  # hvd: statistics allgathered per layer and forward
+
+
+def synchronize(optimizer: torch.optim.Optimizer) -> None:
+    """Wait for the gradient allreduce, so gradients can be unscaled or clipped before the step."""
+    if hasattr(optimizer, "synchronize"):
+        for entry in getattr(optimizer, "_handles", {}).values():  # (handle, ctx) per parameter; None until due
+            if isinstance(entry, tuple) and isinstance(entry[0], int):
+                wait_quietly(entry[0])
+        optimizer.synchronize()  # hvd:
+
+
+def skip_synchronize(optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager:
+    """Context for `step()` after an explicit `synchronize()` (Horovod would otherwise reduce twice)."""
+    return optimizer.skip_synchronize() if hasattr(optimizer, "skip_synchronize") else contextlib.nullcontext()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -53,6 +54,23 @@ class LRSchedule:
         self.patience, self.power, self.mode = patience, power, mode
         # Plateau state: part of the checkpoint.
         self.factor, self.best, self.bad_epochs = 1.0, None, 0
+
+    @classmethod
+    def from_config(cls, cfg: Any, peak_lr: float, steps_per_epoch: int, plateau_mode: str) -> LRSchedule:
+        """The trainer's schedule: `cfg`'s (a TrainConfig's) epochs converted to optimizer steps."""
+        return cls(
+            cfg.schedule,
+            base_lr=cfg.lr,
+            peak_lr=peak_lr,
+            total_steps=steps_per_epoch * cfg.epochs,
+            warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+            min_lr_ratio=cfg.min_lr_ratio,
+            step_every=cfg.step_epochs * steps_per_epoch,
+            gamma=cfg.step_gamma,
+            patience=cfg.plateau_patience,
+            power=cfg.poly_power,
+            mode=plateau_mode,
+        )
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:

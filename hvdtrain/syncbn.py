@@ -1,6 +1,6 @@
 """Synchronised batch norm: training statistics over every rank's micro-batch, i.e. over the global batch.
 
-On GPUs `optim.sync_batch_norm` converts to Horovod's `hvd.SyncBatchNorm`; that module refuses CPU tensors (and
+On GPUs `sync_batch_norm` converts to Horovod's `hvd.SyncBatchNorm`; that module refuses CPU tensors (and
 the `torch.batch_norm_stats` kernels it uses exist for CUDA only), so on the CPU the layers become `CPUSyncBatchNorm`,
 which sums per-channel (count, sum, sum of squares) over the ranks with one differentiable allreduce per layer and
 forward pass. Conversion is in place and keeps the parameters, buffers and state-dict keys, so checkpoints load into
@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import dist
 
-__all__ = ["CPUSyncBatchNorm", "convert", "count_batch_norms"]
+__all__ = ["CPUSyncBatchNorm", "convert", "count_batch_norms", "sync_batch_norm"]
 
 
 class CPUSyncBatchNorm(_BatchNorm):
@@ -85,3 +85,13 @@ def convert(model: nn.Module, cls: type[_BatchNorm]) -> int:
         else:
             done += convert(child, cls)
     return done
+
+
+def sync_batch_norm(model: nn.Module, device: torch.device) -> int:
+    """Turn `model`'s BatchNorm layers (in place) into synchronised ones; returns how many (0 on one rank: no-op).
+
+    On GPUs Horovod's `hvd.SyncBatchNorm`; on the CPU, which it refuses, `CPUSyncBatchNorm`.
+    """
+    if not dist.uses_horovod():
+        return 0
+    return convert(model, dist.horovod_sync_batch_norm() if device.type == "cuda" else CPUSyncBatchNorm)

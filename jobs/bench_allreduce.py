@@ -19,7 +19,7 @@ every HOROVOD_CYCLE_TIME ms.
 
 Waiting: `hvd.synchronize` spins (`std::this_thread::yield`) until the background thread is done; with as many
 ranks as cores, the spinning main threads take the cores the background threads (MPI's progress loop) need.
-"sleep-wait" polls with short sleeps instead, as `hvdtrain.optim.synchronize` does in training.
+"sleep-wait" polls with short sleeps instead, as `hvdtrain.dist.synchronize` does in training.
 """
 
 from __future__ import annotations

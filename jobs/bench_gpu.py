@@ -32,13 +32,14 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hvdtrain import TrainConfig, data, dist, fit
+from hvdtrain import Run, TrainConfig, data, dist, fit
 from hvdtrain.fastpath import memory_format_for
 from hvdtrain.loop import autocast_dtype
 from hvdtrain.metrics import MeanMetric
@@ -135,7 +136,12 @@ def fit_throughput(
     train = data.train_loader(ds, batch, num_workers=workers)
     val = data.eval_loader(torch.utils.data.Subset(ds, range(batch)), batch)
     _reset_peak(device)
-    fit(model, train, val, step_fn, _loss_eval_fn(loss_fn), lambda: MeanMetric("loss"), cfg, monitor="loss", mode="min")
+    fit(
+        Run(
+            model, train, val, step_fn, _loss_eval_fn(loss_fn), partial(MeanMetric, "loss"), monitor="loss", mode="min"
+        ),
+        cfg,
+    )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["split"] == "train"][-1]
     share = last["data_s"] / last["time_s"]

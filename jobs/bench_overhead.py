@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from hvdtrain import TrainConfig, data, dist, fit
+from hvdtrain import Run, TrainConfig, data, dist, fit
 from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
 
 
@@ -48,7 +48,7 @@ def hvdtrain_fit(dataset, val, batch: int, lr: float, width: int, seed: int) -> 
             schedule="constant", optimizer="sgd", weight_decay=0.0, progress=False, seed=seed,
         )  # fmt: skip
         loader = data.train_loader(dataset, batch, seed)
-        summary = fit(ToyNet(width), loader, val, step_fn, eval_fn, ToyMetric, cfg, monitor="loss", mode="min")
+        summary = fit(Run(ToyNet(width), loader, val, step_fn, eval_fn, ToyMetric, monitor="loss", mode="min"), cfg)
     return summary["samples_per_s"]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hvdtrain import TrainConfig, arg, batching, data, dist, fit, parse_config, seeding, to_dict
+from hvdtrain import Run, TrainConfig, arg, batching, data, dist, fit, parse_config, seeding, to_dict
 from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
 
 
@@ -38,9 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
         simulate_gpus=cfg.simulate_gpus,
     )
     val = data.eval_loader(make_blobs(cfg.n_val, seed=cfg.seed + 1), 64)
-    summary = fit(
-        ToyNet(cfg.width), train, val, step_fn, eval_fn, ToyMetric, cfg, to_dict(cfg), monitor="loss", mode="min"
-    )
+    run = Run(ToyNet(cfg.width), train, val, step_fn, eval_fn, ToyMetric, to_dict(cfg), monitor="loss", mode="min")
+    summary = fit(run, cfg)
     if not summary["preempted"]:
         dist.print0(
             f"done: best val loss {summary['best_metric']:.4f} at epoch {summary['best_epoch']}, "

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hvdtrain import checkpoint, dist, parse_config
-from hvdtrain.loop import device_for, evaluate
+from hvdtrain import dist, evaluate_best, fit, parse_config
 from segmentation.config import UNetConfig
-from segmentation.engine import fit_unet, prepare_data
-from segmentation.metrics import DiceMetric, write_per_case_csv
+from segmentation.engine import build_run, prepare_data
+from segmentation.metrics import write_per_case_csv
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -24,20 +23,15 @@ def main(argv: list[str] | None = None) -> dict:
     dist.init(cfg.threads or None, cfg.stall_timeout)
     train_cases, val_cases = prepare_data(cfg, progress=dist.is_main() and cfg.progress)
     dist.print0(f"{len(train_cases)} training / {len(val_cases)} validation cases from {cfg.data}")
-    summary, model, val, eval_fn = fit_unet(cfg, train_cases, val_cases)
+    run = build_run(cfg, train_cases, val_cases)
+    summary = fit(run, cfg)
     if summary["preempted"]:
         return summary
-    # Per-case Dice of the best checkpoint (rank 0 wrote it; every rank reads it through a broadcast).
-    best = Path(cfg.run_dir) / "checkpoints" / "best.pt"
-    ckpt = checkpoint.load_on_all_ranks(best if dist.is_main() and best.is_file() else None)
-    if ckpt is not None:
-        checkpoint.unwrap(model).load_state_dict(ckpt["model"])
-    metric = DiceMetric()
-    result = evaluate(model, val, eval_fn, metric, device_for(), cfg.amp)
+    result, metric, ckpt = evaluate_best(run, cfg)  # the best checkpoint's Dice on every validation case
     rows = metric.gather_rows()  # hvd: collective, every rank
     if dist.is_main():
         path = write_per_case_csv(rows, Path(cfg.run_dir) / "per_case_dice.csv")
-        which = f"best (epoch {ckpt['epoch'] - 1})" if ckpt is not None else "final"
+        which = f"best (epoch {ckpt['best_epoch']})" if ckpt is not None else "final"
         print(
             f"{which} checkpoint: mean Dice {result['dice']:.4f} over {result['scored_cases']} case(s), "
             f"global Dice {result['dice_global']:.4f}; per case: {path}",

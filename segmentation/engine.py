@@ -14,10 +14,8 @@ Typical job (every rank):
 
     cfg = parse_config(UNetConfig); dist.init(cfg.threads or None)
     train_cases, val_cases = prepare_data(cfg)                 # preprocessing shared by the ranks, cached
-    train = data.train_loader(patch_dataset(cfg, train_cases), cfg.batch_size_per_gpu, cfg.seed, ...)
-    val = data.eval_loader(VolumeDataset(val_cases), 1)
-    fit(build_model(model_kwargs(cfg)), train, val, make_step_fn(make_loss(cfg)), make_eval_fn(cfg),
-        DiceMetric, cfg, checkpoint_config(cfg), monitor=cfg.monitor)
+    run = build_run(cfg, train_cases, val_cases)               # model, loaders, step/eval functions, metric
+    summary = fit(run, cfg); values, metric, ckpt = evaluate_best(run, cfg)
 """
 
 from __future__ import annotations
@@ -33,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from hvdtrain import batching, data, dist, fit, pooling, seeding
+from hvdtrain import batching, data, dist, pooling, seeding
 from hvdtrain.config import to_dict
+from hvdtrain.run import Run
 
 from .config import UNetConfig
 from .inference import predict_probabilities
@@ -67,7 +66,7 @@ __all__ = [
     "make_loss",
     "make_step_fn",
     "make_eval_fn",
-    "fit_unet",
+    "build_run",
     "Predictor",
     "model_from_checkpoint",
 ]
@@ -244,44 +243,27 @@ def make_eval_fn(cfg: UNetConfig) -> Callable[[nn.Module, Any, torch.device, Dic
     return eval_fn
 
 
-def fit_unet(
-    cfg: UNetConfig,
-    train_cases: Sequence[CachedCase],
-    val_cases: Sequence[CachedCase],
-    on_epoch_end: Callable[[dict], None] | None = None,
-) -> tuple[dict[str, Any], nn.Module, Any, Callable]:
-    """The U-Net's training run, shared by `jobs.train_unet` and `jobs.tune` (a collective: every rank calls it).
-
-    Returns (the `hvdtrain.fit` summary plus `train_samples`, the model, the validation loader, its eval_fn).
-    """
+def build_run(cfg: UNetConfig, train_cases: Sequence[CachedCase], val_cases: Sequence[CachedCase]) -> Run:
+    """The U-Net's run for `hvdtrain.fit`, shared by `jobs.train_unet` and `jobs.tune` (every rank builds it)."""
     cfg = batching.resolve(cfg, dist.info().size)  # --global-batch: per-GPU batch and accumulation for this size
-    ds = patch_dataset(cfg, train_cases)
     micro = cfg.accum * cfg.simulate_gpus
     train = data.train_loader(
-        ds, cfg.batch_size_per_gpu, cfg.seed, cfg.num_workers, micro_per_step=micro, simulate_gpus=cfg.simulate_gpus
+        patch_dataset(cfg, train_cases),
+        cfg.batch_size_per_gpu,
+        cfg.seed,
+        cfg.num_workers,
+        micro_per_step=micro,
+        simulate_gpus=cfg.simulate_gpus,
     )
     val = data.eval_loader(VolumeDataset(val_cases), 1, cfg.num_workers)
     seeding.seed_init(cfg.seed)  # the same initial weights on every rank (trials compare fairly); training reseeds
     model = build_model(model_kwargs(cfg))
-    eval_fn = make_eval_fn(cfg)
-    summary = fit(
-        model,
-        train,
-        val,
-        make_step_fn(make_loss(cfg)),
-        eval_fn,
-        DiceMetric,
-        cfg,
-        checkpoint_config(cfg),
-        monitor=cfg.monitor,
-        mode="max",
-        on_epoch_end=on_epoch_end,
-    )
-    return {**summary, "train_samples": len(ds)}, model, val, eval_fn
+    step_fn = make_step_fn(make_loss(cfg))
+    return Run(model, train, val, step_fn, make_eval_fn(cfg), DiceMetric, checkpoint_config(cfg), cfg.monitor, "max")
 
 
 def _config_section(config: dict[str, Any], key: str, path: str | Path) -> dict[str, Any]:
-    """`config[key]` of a checkpoint that `fit_unet` wrote; a clear error for any other file."""
+    """`config[key]` of a checkpoint that `jobs.train_unet` wrote; a clear error for any other file."""
     from hvdtrain.checkpoint import CheckpointError
 
     if not isinstance(config.get(key), dict):

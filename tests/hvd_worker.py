@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from classification.data import ImageDataset, Sample
 from classification.transforms import train_transform
-from hvdtrain import TrainConfig, data, dist, fit, optim, seeding
+from hvdtrain import Run, TrainConfig, data, dist, fit, seeding
 from hvdtrain.metrics import SumMetric
+from hvdtrain.syncbn import sync_batch_norm
 from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
 
 
@@ -64,7 +65,7 @@ def train(out: Path, batch: int, simulate_gpus: int, accum: int, dropout: float 
     loader = data.train_loader(make_blobs(96, seed=3), batch, seed=7, micro_per_step=micro, simulate_gpus=simulate_gpus)
     val = data.eval_loader(make_blobs(10, seed=4), 4)
     model = ToyNet(8, dropout=dropout)  # masks match between real and simulated GPUs, not other batch layouts
-    fit(model, loader, val, step_fn, eval_fn, ToyMetric, cfg, monitor="loss", mode="min")
+    fit(Run(model, loader, val, step_fn, eval_fn, ToyMetric, monitor="loss", mode="min"), cfg)
     torch.save(model.state_dict(), out / f"weights_rank{d.rank}.pt")
 
 
@@ -89,7 +90,7 @@ def streams(out: Path, simulate_gpus: int) -> None:
     cfg = TrainConfig(run_dir=str(out / f"run{simulate_gpus}"), epochs=1, batch_size_per_gpu=2, lr=0.1,
                       lr_rule="none", warmup_epochs=0, optimizer="sgd", simulate_gpus=simulate_gpus, progress=False,
                       eval_every=2)  # fmt: skip
-    fit(model, loader, data.eval_loader(make_blobs(2), 2), step, lambda *a: None, ToyMetric, cfg, monitor="count")
+    fit(Run(model, loader, data.eval_loader(make_blobs(2), 2), step, lambda *a: None, ToyMetric, monitor="count"), cfg)
     torch.save({**rec, "init": init, "final": model.state_dict()}, out / f"streams_sim{simulate_gpus}_rank{d.rank}.pt")
 
 
@@ -109,7 +110,7 @@ def syncbn_case(rank: int, size: int) -> dict:
     # BatchNorm (as in the U-Net): its gradient is zero in exact arithmetic, rounding noise in practice.
     block3d = nn.Sequential(nn.Unflatten(1, (1, 4)), nn.Conv3d(1, 2, 1, bias=False), nn.BatchNorm3d(2))
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), block3d)
-    converted = optim.sync_batch_norm(model, torch.device("cpu"))
+    converted = sync_batch_norm(model, torch.device("cpu"))
     x = torch.randn(6, 3, 9, 7, generator=torch.Generator().manual_seed(1)) * 3 + 2
     half = slice(None) if size == 1 else (slice(0, 2) if rank == 0 else slice(2, 6))
     model.train()
@@ -135,8 +136,8 @@ def nan(out: Path) -> None:
 
     cfg = TrainConfig(run_dir=str(out / "run"), epochs=1, batch_size_per_gpu=4, progress=False)
     try:
-        fit(ToyNet(8), data.train_loader(make_blobs(64), 4), data.eval_loader(make_blobs(8), 4), bad_step, eval_fn,
-            ToyMetric, cfg)  # fmt: skip
+        fit(Run(ToyNet(8), data.train_loader(make_blobs(64), 4), data.eval_loader(make_blobs(8), 4), bad_step, eval_fn,
+                ToyMetric), cfg)  # fmt: skip
     except FloatingPointError as e:
         (out / f"nan_rank{d.rank}.txt").write_text(str(e))
 

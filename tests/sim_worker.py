@@ -25,8 +25,9 @@ def unet(data: Path, out: Path, simulate_gpus: int, epochs: int) -> dict:
 
     4 training volumes x 10 patches: 10 steps of global batch 4 per epoch (5 of 8 on 4 GPUs).
     """
+    from hvdtrain import fit
     from segmentation.config import UNetConfig
-    from segmentation.engine import fit_unet, prepare_data
+    from segmentation.engine import build_run, prepare_data
 
     cfg = UNetConfig(
         data=str(data),
@@ -56,8 +57,8 @@ def unet(data: Path, out: Path, simulate_gpus: int, epochs: int) -> dict:
         amp="off",
     )
     train_cases, val_cases = prepare_data(cfg, progress=False)
-    summary, model, _, _ = fit_unet(cfg, train_cases, val_cases)
-    return {"summary": summary, "final": model.state_dict()}
+    run = build_run(cfg, train_cases, val_cases)
+    return {"summary": fit(run, cfg), "final": run.model.state_dict()}
 
 
 def classifier(data: Path, out: Path, simulate_gpus: int, epochs: int) -> dict:
@@ -67,8 +68,9 @@ def classifier(data: Path, out: Path, simulate_gpus: int, epochs: int) -> dict:
     """
     from classification.config import ClassifierConfig
     from classification.data import load_index
-    from classification.engine import fold_run
+    from classification.engine import build_run
     from classification.splits import Fold
+    from hvdtrain import fit
 
     cfg = ClassifierConfig(
         data=str(data),
@@ -96,9 +98,8 @@ def classifier(data: Path, out: Path, simulate_gpus: int, epochs: int) -> dict:
     index = load_index(cfg.data)
     n = len(index.samples)
     fold = Fold(train=[i for i in range(n) if i % 9], val=[i for i in range(n) if i % 9 == 0])
-    run = fold_run(cfg, index, fold)
-    summary = run.fit()
-    return {"summary": summary, "final": run.model.state_dict()}
+    run = build_run(cfg, index, fold)
+    return {"summary": fit(run, cfg), "final": run.model.state_dict()}
 
 
 if __name__ == "__main__":

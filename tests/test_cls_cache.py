@@ -12,7 +12,7 @@ from PIL import Image
 from classification.cache import CachedDataset, ImageCache, build_cache, prepare_cache, read_mask, source_stamp
 from classification.config import ClassifierConfig
 from classification.data import ImageReadError, scan_folder
-from classification.engine import fold_run
+from classification.engine import build_run
 from classification.splits import prepare_splits
 from classification.synthetic import generate
 
@@ -115,7 +115,7 @@ def test_test_split_never_reaches_training_or_selection(tmp_path):
                            run_dir=str(tmp_path / "run"), mask_weight=0.5, batch_size_per_gpu=4)  # fmt: skip
     seen = set()
     for fold in splits.folds:
-        run = fold_run(cfg, index, fold)
+        run = build_run(cfg, index, fold)
         train_idx, val_idx = set(run.train.dataset.indices), set(run.val.dataset.indices)
         assert not (train_idx | val_idx) & test
         seen |= train_idx | val_idx

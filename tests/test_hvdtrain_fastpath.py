@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from classification.models import build_model as build_classifier
-from hvdtrain import TrainConfig, data, dist, fastpath, fit
+from hvdtrain import Run, TrainConfig, data, dist, fastpath, fit
 from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
 from segmentation.unet import UNet3D
 
@@ -85,8 +85,8 @@ def test_fit_with_channels_last_matches_fit_without(tmp_path):
             run_dir=str(tmp_path / name), epochs=2, batch_size_per_gpu=8, lr=0.05, lr_rule="none", warmup_epochs=0,
             schedule="constant", optimizer="sgd", progress=False, channels_last=channels_last,
         )  # fmt: skip
-        fit(model, data.train_loader(ds, 8), data.eval_loader(val, 8), step_fn, eval_fn, ToyMetric, cfg, monitor="loss",
-            mode="min")  # fmt: skip
+        fit(Run(model, data.train_loader(ds, 8), data.eval_loader(val, 8), step_fn, eval_fn, ToyMetric, monitor="loss",
+                mode="min"), cfg)  # fmt: skip
         return {k: v.contiguous() for k, v in model.state_dict().items()}
 
     a, b = run("plain", False), run("cl", True)

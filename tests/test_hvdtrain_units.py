@@ -18,13 +18,13 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from hvdtrain import (
+    Run,
     TrainConfig,
     batching,
     checkpoint,
     data,
     dist,
     fit,
-    optim,
     parse_config,
     seeding,
     syncbn,
@@ -339,7 +339,7 @@ def test_convert_swaps_batch_norm_layers_in_place_sharing_parameters_and_keys():
     assert isinstance(net[1], syncbn.CPUSyncBatchNorm) and isinstance(net[3][0], syncbn.CPUSyncBatchNorm)
     assert {k: v.data_ptr() for k, v in net.state_dict().items()} == before  # same keys, same tensors
     assert all(a is b for a, b in zip(net.parameters(), params))  # an optimizer built earlier still fits
-    assert optim.sync_batch_norm(net, torch.device("cpu")) == 0  # one rank: nothing to synchronise
+    assert syncbn.sync_batch_norm(net, torch.device("cpu")) == 0  # one rank: nothing to synchronise
 
 
 def test_cpu_sync_batch_norm_computes_batch_norm(monkeypatch):
@@ -368,7 +368,10 @@ def test_sync_bn_refuses_a_model_without_batch_norm_and_simulated_gpus(tmp_path)
     torch.manual_seed(0)
     cfg = TrainConfig(run_dir=str(tmp_path / "b"), sync_bn=True, simulate_gpus=2, progress=False)
     with pytest.raises(ValueError, match="cannot be simulated"):
-        fit(_bn_net(), data.train_loader(make_blobs(16), 2, micro_per_step=2), None, step_fn, eval_fn, ToyMetric, cfg)
+        fit(
+            Run(_bn_net(), data.train_loader(make_blobs(16), 2, micro_per_step=2), None, step_fn, eval_fn, ToyMetric),
+            cfg,
+        )
 
 
 # ---------------------------------------------------------------- metrics
@@ -541,10 +544,10 @@ def test_weight_decay_skips_biases_and_norms():
 def test_optimizer_wrapping_is_transparent_on_one_rank():
     model = nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert optim.distribute(opt, model, backward_passes_per_step=4) is opt
-    optim.synchronize(opt)
-    optim.broadcast_parameters(model)
-    with optim.skip_synchronize(opt):
+    assert dist.distribute_optimizer(opt, model, backward_passes_per_step=4) is opt
+    dist.synchronize(opt)
+    dist.broadcast_parameters(model)
+    with dist.skip_synchronize(opt):
         opt.step()
 
 
@@ -644,7 +647,7 @@ def _fit(run_dir: Path, n_train: int = 64, dropout: float = 0.1, step=step_fn, *
         make_blobs(n_train, seed=1), cfg.batch_size_per_gpu, 2, micro_per_step=micro, simulate_gpus=cfg.simulate_gpus
     )
     val = data.eval_loader(make_blobs(12, seed=3), 4)
-    summary = fit(model, train, val, step, eval_fn, ToyMetric, cfg, monitor="accuracy", mode="max")
+    summary = fit(Run(model, train, val, step, eval_fn, ToyMetric, monitor="accuracy", mode="max"), cfg)
     return summary, model
 
 
@@ -739,7 +742,7 @@ def test_a_nan_loss_stops_before_the_step(tmp_path):
     train = data.train_loader(make_blobs(64, seed=1), 4, seed=2)
     val = data.eval_loader(make_blobs(8, seed=3), 4)
     with pytest.raises(FloatingPointError, match="epoch 1, step 16"):
-        fit(model, train, val, nan_after_first, eval_fn, ToyMetric, cfg, monitor="accuracy")
+        fit(Run(model, train, val, nan_after_first, eval_fn, ToyMetric, monitor="accuracy"), cfg)
     assert torch.isfinite(_weights(model)).all()
     assert checkpoint.load(tmp_path / "r" / "checkpoints" / "last.pt")["step"] == 16
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hvdtrain import data, dist, fit
+from hvdtrain import Run, data, dist, fit
 from segmentation.config import UNetConfig
 from segmentation.engine import (
     build_model,
@@ -81,17 +81,17 @@ def test_one_epoch_through_fit_and_prediction(dataset, tmp_path):
     loss, n = step_fn(model, next(iter(torch.utils.data.DataLoader(ds, batch_size=2))), torch.device("cpu"))
     assert n == 2 and loss.ndim == 0 and math.isfinite(loss.item())
 
-    summary = fit(
+    run = Run(
         model,
         data.train_loader(ds, cfg.batch_size_per_gpu, cfg.seed),
         data.eval_loader(VolumeDataset(val_cases), 1),
         step_fn,
         make_eval_fn(cfg),
         DiceMetric,
-        cfg,
         checkpoint_config(cfg),
         monitor="dice",
     )
+    summary = fit(run, cfg)
     final = summary["final"]
     assert final["cases"] == 2 and 0.0 <= final["dice"] <= 1.0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -24,11 +24,12 @@ from typing import Any
 
 from classification.config import ClassifierConfig, monitor_mode
 from classification.data import load_index
-from classification.engine import fold_run
+from classification.engine import build_run as build_classifier_run
 from classification.splits import Fold, grouped_kfold, prepare_splits
-from hvdtrain import dist
+from hvdtrain import dist, fit
 from segmentation.config import UNetConfig
-from segmentation.engine import fit_unet, prepare_data
+from segmentation.engine import build_run as build_unet_run
+from segmentation.engine import prepare_data
 
 __all__ = ["Task", "UNetTask", "ClassifierTask", "TASKS", "make_task"]
 
@@ -72,7 +73,7 @@ class UNetTask(Task):
 
     def train(self, cfg: UNetConfig, on_epoch_end: OnEpochEnd) -> dict[str, Any]:
         train_cases, val_cases = prepare_data(cfg, progress=False)  # per trial: a trial may change preprocessing
-        return fit_unet(cfg, train_cases, val_cases, on_epoch_end)[0]
+        return fit(build_unet_run(cfg, train_cases, val_cases), cfg, on_epoch_end)
 
 
 class ClassifierTask(Task):
@@ -92,16 +93,10 @@ class ClassifierTask(Task):
     def prepare(self, cfg: ClassifierConfig, study_dir: Path) -> str:
         if not cfg.data:
             raise ValueError("the classifier task needs --data (a class-per-folder root or a CSV manifest)")
-        prepared: Any = None
-        if dist.is_main():  # rank 0 scans, hashes and splits; the other ranks get the result (or its error)
-            try:
-                prepared = self._split(cfg, Path(study_dir))
-            except (OSError, ValueError) as e:
-                prepared = e
-        prepared = dist.broadcast_object(prepared)
-        if isinstance(prepared, Exception):
-            raise prepared
-        self.index, self.fold, n_test, n_outer_val = prepared
+        # Rank 0 scans, hashes and splits; the other ranks get the result (or its error).
+        self.index, self.fold, n_test, n_outer_val = dist.on_main_then_broadcast(
+            lambda: self._split(cfg, Path(study_dir))
+        )
         self.cache_dir = str(Path(study_dir) / "data_cache")  # one image cache for every trial of the study
         held = f"test split {n_test}" if n_test else "no test split (set --test-fraction to keep one)"
         return (
@@ -133,7 +128,7 @@ class ClassifierTask(Task):
             raise RuntimeError("ClassifierTask.prepare must run before train")
         if cfg.cache and not cfg.cache_dir:
             cfg = dataclasses.replace(cfg, cache_dir=getattr(self, "cache_dir", ""))
-        return fold_run(cfg, index, fold).fit(on_epoch_end)
+        return fit(build_classifier_run(cfg, index, fold), cfg, on_epoch_end)
 
 
 TASKS: dict[str, type[Task]] = {"unet": UNetTask, "classifier": ClassifierTask}

@@ -1,0 +1,87 @@
+"""What a task hands the trainer (`Run`), and the names of a run folder's files (`RunPaths`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .metrics import Metric
+
+__all__ = ["Run", "RunPaths", "StepFn", "EvalFn"]
+
+StepFn = Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, int]]
+EvalFn = Callable[[nn.Module, Any, torch.device, Metric], None]
+
+
+@dataclass
+class Run:
+    """One training run of a task: each task's `engine.build_run(cfg, ...)` returns it, `hvdtrain.fit` trains it.
+
+    Attributes:
+        model: the network (rank 0's initial weights are broadcast by `fit`).
+        train, val: this rank's loaders (`hvdtrain.data.train_loader` / `eval_loader`).
+        step_fn: `step_fn(model, batch, device) -> (local mean loss, samples)` of one micro-batch; it may carry a
+            `global_stats` (`hvdtrain.pooling.GlobalStats`) when its loss pools sums over the global batch.
+        eval_fn: `eval_fn(model, batch, device, metric)` updates a metric made by `make_metric()`.
+        config: the job's whole config, saved in config.json and in every checkpoint (default: the TrainConfig).
+        monitor, mode: the validation value that picks best.pt, and whether larger ("max") is better.
+    """
+
+    model: nn.Module
+    train: Any
+    val: Any
+    step_fn: StepFn
+    eval_fn: EvalFn
+    make_metric: Callable[[], Metric]
+    config: dict[str, Any] | None = None
+    monitor: str = "dice"
+    mode: str = "max"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of a run folder, written by rank 0 (see docs/CONTRACT.md)."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def requeue(self) -> Path:
+        """Left by a preempted run: the job script requeues itself when it finds it."""
+        return self.root / "REQUEUE"
+
+    @property
+    def stalled(self) -> Path:
+        """Left by the watchdog when a rank hung."""
+        return self.root / "STALLED"
