@@ -33,16 +33,13 @@ from torch import nn
 
 from .augment import EvalPipeline
 from .cache import square_uint8
+from .errors import CheckpointError
 from .models import build_model, head_prefix, wrap_classifier
 from .transforms import Transform, default_resize, eval_transform
 
 __all__ = ["CheckpointError", "inference_config", "clean_state_dict", "load_pretrained", "load_for_inference"]
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A weights or checkpoint file that cannot be used; the message names the file."""
 
 
 def inference_config(

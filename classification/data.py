@@ -34,6 +34,8 @@ from torch.utils.data import Dataset
 
 from hvdtrain.seeding import sample_rng
 
+from .errors import DataError, ImageReadError, PixelValueError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
@@ -56,18 +58,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # NAME_mask, NAME_mask_1, NAME_mask2, NAME_Mask-3 (any case): BUSI uses the first two.
 _MASK_RE = re.compile(r"^(?P<stem>.+?)_mask(?:[_-]?\d+)?$", re.IGNORECASE)
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used as it is; the message names the file or folder."""
-
-
-class ImageReadError(DataError):
-    """An image file that PIL cannot decode."""
-
-
-class PixelValueError(ImageReadError):
-    """An image with no pixels or with non-finite pixels (float TIFFs): bad data that would train silently."""
 
 
 def check_pixels(img: Image.Image, path: Path) -> None:

@@ -14,15 +14,12 @@ import dataclasses
 from typing import TypeVar
 
 from .config import TrainConfig
+from .errors import BatchingError
 from .schedule import scale_lr
 
 __all__ = ["BatchingError", "split_global_batch", "resolve", "peak_lr", "check"]
 
 C = TypeVar("C", bound=TrainConfig)
-
-
-class BatchingError(ValueError):
-    """A global batch that cannot be split over the GPUs; the message says what would work."""
 
 
 def split_global_batch(global_batch: int, gpus: int, max_per_gpu: int) -> tuple[int, int]:

@@ -13,6 +13,8 @@ from torch import nn
 
 from . import dist
 from .atomic import write_atomic, write_text_atomic
+from .errors import CheckpointError
+from .run import RunPaths
 
 __all__ = [
     "unwrap",
@@ -24,10 +26,6 @@ __all__ = [
     "set_rng_state",
     "CheckpointError",
 ]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the run."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -78,7 +76,7 @@ def save(path: Path, state: dict[str, Any]) -> None:
 def find_latest(run_dir: Path) -> Path | None:
     """The checkpoint in `run_dir/checkpoints` with the highest optimizer step (newest file on a tie)."""
     best: tuple[int, float, Path] | None = None
-    for meta_file in Path(run_dir, "checkpoints").glob("*.meta.json"):
+    for meta_file in RunPaths(run_dir).checkpoints.glob("*.meta.json"):
         ckpt = meta_file.with_name(meta_file.name.removesuffix(".meta.json") + ".pt")
         try:
             step = int(json.loads(meta_file.read_text())["step"])

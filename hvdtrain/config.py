@@ -17,13 +17,11 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = ["arg", "TrainConfig", "parse_config", "load_yaml", "to_dict", "ConfigError"]
 
 C = TypeVar("C")
-
-
-class ConfigError(ValueError):
-    """A config file or flag that cannot be used."""
 
 
 def arg(default: Any, help: str, choices: tuple | None = None) -> Any:  # mirrors argparse

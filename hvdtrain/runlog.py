@@ -9,6 +9,7 @@ from typing import Any
 
 from . import dist
 from .atomic import write_text_atomic
+from .run import RunPaths
 
 __all__ = ["RunLog"]
 
@@ -40,7 +41,7 @@ class RunLog:
         """Append one line to metrics.jsonl and the numeric fields to TensorBoard as `split/name`."""
         if not self.enabled:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with open(RunPaths(self.run_dir).metrics, "a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         if self._tb is not None:
             for k, v in record.items():

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hvdtrain.run import RunPaths
 from jobs._launch import child_env, horovodrun_cmd
 
 MODELS = "small_cnn,mobilenet_v2,resnet18,resnet34,resnet50"
@@ -32,7 +33,7 @@ def run(model: str, ranks: int, data: Path, run_dir: Path, args: argparse.Namesp
     p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=3600)
     if p.returncode != 0:
         raise SystemExit(f"bench_classifier: {' '.join(cmd)} failed\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "fold_0" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in RunPaths(run_dir / "fold_0").metrics.read_text().splitlines()]
     return [r for r in records if r["split"] == "train"][-1]
 
 

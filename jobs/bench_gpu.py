@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hvdtrain import Run, TrainConfig, data, dist, fit
+from hvdtrain import Run, RunPaths, TrainConfig, data, dist, fit
 from hvdtrain.fastpath import memory_format_for
 from hvdtrain.loop import autocast_dtype
 from hvdtrain.metrics import MeanMetric
@@ -142,7 +142,7 @@ def fit_throughput(
         ),
         cfg,
     )
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in RunPaths(run_dir).metrics.read_text().splitlines()]
     last = [r for r in records if r["split"] == "train"][-1]
     share = last["data_s"] / last["time_s"]
     return {"samples_per_s": last["samples_per_s"], "data_share": share, "peak_gb": _peak_gb(device)}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hvdtrain import Run, TrainConfig, data, dist, fit
-from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
+from hvdtrain.testing import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
 
 
 def plain(dataset, batch: int, lr: float, width: int, seed: int) -> float:

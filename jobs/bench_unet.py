@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from hvdtrain.run import RunPaths
 from jobs._launch import DEFAULT, NAMED, child_env, horovodrun_cmd
 
 CONFIG = "jobs/configs/unet_demo.yaml"
@@ -79,7 +80,7 @@ def run_trainer(ranks: int, data: Path, run_dir: Path, epochs: int, launch: str 
     p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(NAMED[launch]), timeout=3600)
     if p.returncode != 0:
         raise SystemExit(f"bench_unet: {' '.join(cmd)} failed\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in RunPaths(run_dir).metrics.read_text().splitlines()]
     return [r for r in records if r["split"] == "train"][-1]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hvdtrain import Run, TrainConfig, arg, batching, data, dist, fit, parse_config, seeding, to_dict
-from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
+from hvdtrain.testing import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from classification.transforms import train_transform
 from hvdtrain import Run, TrainConfig, data, dist, fit, seeding
 from hvdtrain.metrics import SumMetric
 from hvdtrain.syncbn import sync_batch_norm
-from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
+from hvdtrain.testing import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
 
 
 def collectives(out: Path) -> None:

@@ -26,7 +26,7 @@ from classification.data import ImageReadError, PixelValueError, load_rgb, read_
 from classification.splits import load_splits
 from hvdtrain import resume
 from hvdtrain.checkpoint import CheckpointError
-from hvdtrain.toy import ToyNet
+from hvdtrain.testing import ToyNet
 from jobs import demo
 from segmentation.config import UNetConfig
 from segmentation.engine import build_model, checkpoint_config, model_kwargs

@@ -49,7 +49,7 @@ def test_parameters_identical_on_every_rank(two_rank_run):
     w0, w1 = _weights(two_rank_run / "weights_rank0.pt"), _weights(two_rank_run / "weights_rank1.pt")
     _assert_close(w0, w1, atol=0)
     # And training moved them: compare with the initial weights of the same seed.
-    from hvdtrain.toy import ToyNet
+    from hvdtrain.testing import ToyNet
 
     torch.manual_seed(0)
     init = ToyNet(8, dropout=0.0).state_dict()

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from classification.models import build_model as build_classifier
 from hvdtrain import Run, TrainConfig, data, dist, fastpath, fit
-from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
+from hvdtrain.testing import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
 from segmentation.unet import UNet3D
 
 

@@ -36,7 +36,7 @@ from hvdtrain.metrics import MeanMetric, SumMetric
 from hvdtrain.optimizers import LAMB, LARS, build_optimizer, param_groups
 from hvdtrain.runlog import RunLog
 from hvdtrain.schedule import LRSchedule, scale_lr
-from hvdtrain.toy import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
+from hvdtrain.testing import ToyMetric, ToyNet, eval_fn, make_blobs, step_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 

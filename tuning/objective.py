@@ -28,7 +28,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from hvdtrain import checkpoint, dist, to_dict
+from hvdtrain import RunPaths, checkpoint, dist, to_dict
 
 from .space import SearchSpace, apply_params
 from .study import Worker, fail_stale, heartbeat, retry_callback
@@ -228,7 +228,7 @@ def _run_one(task: Task, base_cfg: Any, msg: dict, trial, study, opts: RunOption
     if trial is not None:
         _tell(study, trial, result, summary, opts)
         if not opts.keep_checkpoints and state != "PREEMPTED":
-            shutil.rmtree(Path(msg["run_dir"]) / "checkpoints", ignore_errors=True)
+            shutil.rmtree(RunPaths(msg["run_dir"]).checkpoints, ignore_errors=True)
     return result
 
 

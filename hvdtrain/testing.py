@@ -1,4 +1,4 @@
-"""A tiny task on generated data for the demo, the tests and the overhead benchmark.
+"""Test scaffolding: a tiny task on generated data for the toy demo, the tests and the overhead benchmark.
 
 Images of a bright blob on noise; the class is the blob's quadrant. Deterministic from a seed.
 """
