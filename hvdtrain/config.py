@@ -45,6 +45,9 @@ class TrainConfig:
     lr: float = arg(1e-3, "base learning rate, for one GPU's batch; scaled by --lr-rule")
     lr_rule: str = arg("linear", "LR scaling in GPUs x accumulation", ("none", "linear", "sqrt"))
     warmup_epochs: float = arg(1.0, "ramp from the base LR to the scaled LR over this many epochs")
+    lr_table: tuple[str, ...] = arg(
+        (), "batch -> (peak LR, warmup) rows G:LR:WARMUP, or a YAML of them: replace --lr-rule and --warmup-epochs"
+    )
     schedule: str = arg("cosine", "LR schedule after warmup", ("cosine", "step", "plateau", "poly", "constant"))
     min_lr_ratio: float = arg(0.0, "cosine/poly floor as a fraction of the peak LR")
     step_epochs: int = arg(30, "step schedule: decay every this many epochs")

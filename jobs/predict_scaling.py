@@ -51,6 +51,7 @@ _OVERRIDES = {
     "cycle_ms": float,
     "overlap": float,
     "relative_throughput": float,
+    "contention": float,
 }
 _INPUTS = ("step_time", "grad_bytes", "samples", "batch")  # needed unless --calibrate-from supplies them
 

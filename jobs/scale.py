@@ -2,9 +2,13 @@
 
     python -m jobs.scale --best runs/tune/S/report/best.yaml --gpus 1,2,4,8,16,32,64 --rule linear --warmup 5 \\
         --out runs/tune/S/scaled [--keep-global-batch] [--render] [--launch-local]
+    python -m jobs.scale --best ... --gpus 1,2,4,8 --rule table --lr-table jobs/configs/lr_table_mlperf_unet3d.yaml \\
+        --out runs/tune/S/scaled_table [--keep-global-batch]
 
 Writes OUT/<task>_<N>gpu.yaml (best.yaml with batch, accumulation, lr, lr_rule, warmup and epochs set for N GPUs)
-and OUT/plan.md. `--render` also writes OUT/<task>_<N>gpu.sh for counts above 2 from the cluster templates
+and OUT/plan.md. `--rule table` takes the peak LR and warmup of each count's global batch from a
+batch -> (LR, warmup) table (`--lr-table`, else the tuned config's `lr_table`) and writes the table into each
+config. `--render` also writes OUT/<task>_<N>gpu.sh for counts above 2 from the cluster templates
 (slurm/catalog.py, slurm/specs/site.yaml); `--launch-local` trains the counts up to 2 here with horovodrun.
 The tuned GPU count, global batch and training-set size come from best_meta.json beside best.yaml
 (jobs.tune_report writes it); --tuned-gpus and --train-samples override them.
@@ -18,11 +22,13 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from hvdtrain import parse_config
+from hvdtrain.batching import BatchingError, lr_table_row
 from tuning.scale import RULES, Plan, Reference, ScaleError, plan_for
 from tuning.tasks import TASKS
 
@@ -34,7 +40,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--best", required=True, help="best.yaml from jobs.tune_report")
     p.add_argument("--gpus", required=True, help="comma-separated GPU counts, e.g. 1,2,4,8")
     p.add_argument("--rule", default="linear", choices=RULES, help="peak-LR rule for a larger global batch")
-    p.add_argument("--warmup", type=float, default=5.0, help="warmup epochs when the peak LR grows")
+    p.add_argument("--warmup", type=float, default=5.0, help="warmup epochs when the peak LR grows (not --rule table)")
+    p.add_argument(
+        "--lr-table", nargs="+", help="--rule table: rows G:LR:WARMUP or a YAML of them (default: best.yaml's lr_table)"
+    )
     p.add_argument("--keep-global-batch", action="store_true", help="split the tuned global batch over the GPUs")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--task", choices=sorted(TASKS), help="trainer (default: from best_meta.json)")
@@ -74,14 +83,23 @@ def _reference(args: argparse.Namespace) -> tuple[str, dict, Reference]:
         warmup_epochs=cfg.warmup_epochs,
         epochs=cfg.epochs,
         train_samples=args.train_samples or meta.get("train_samples"),
+        lr_table=cfg.lr_table,
     )
+    if cfg.lr_table:  # the trials' warmup was the table's row for their global batch (hvdtrain.batching.resolve)
+        try:
+            ref = replace(ref, warmup_epochs=lr_table_row(cfg.lr_table, ref.global_batch)[2])
+        except BatchingError as e:
+            raise ScaleError(f"{best}: {e}") from None
     return task, raw, ref
 
 
 def _write_config(path: Path, raw: dict, plan: Plan, task: str, source: Path) -> None:
-    values = {**raw, **plan.changes()}
+    raw = {k.replace("-", "_"): v for k, v in raw.items()}
+    values = {k: v for k, v in {**raw, **plan.changes()}.items() if v is not None}
     header = [f"# {task} on {plan.gpus} GPU(s), carried from {source} by python -m jobs.scale:"]
     header += [f"#   {n}" for n in plan.notes]
+    if raw.get("lr_table") and not plan.lr_table:
+        header.append(f"#   the tuned lr_table is dropped: the {plan.lr_rule} rule sets the LR")
     body = "".join(
         yaml.safe_dump({k: v}, default_flow_style=None if isinstance(v, list) else False, width=1000)
         for k, v in values.items()
@@ -132,16 +150,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ScaleError, FileNotFoundError) as e:
         print(f"scale: error: {e}", file=sys.stderr)
         return 2
+    table = args.lr_table or raw.get("lr_table") or raw.get("lr-table")
+    if args.rule == "table" and not table:
+        print(f"scale: error: --rule table needs --lr-table (rows, a YAML) or lr_table in {args.best}", file=sys.stderr)
+        return 2
     plans, skipped = [], []
     for n in counts:
         try:
-            plans.append(plan_for(ref, n, args.rule, args.warmup, args.keep_global_batch))
+            plans.append(plan_for(ref, n, args.rule, args.warmup, args.keep_global_batch, table))
         except ScaleError as e:  # the other counts are still written
             skipped.append(str(e))
             print(f"scale: skipped: {e}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mode = "global batch kept" if args.keep_global_batch else f"{args.rule} rule, warmup {args.warmup:g}"
+    if args.rule == "table":
+        mode = ("global batch kept, " if args.keep_global_batch else "") + "LR and warmup from the table"
     lines = [f"# {task}: tuned on {ref.gpus} GPU(s), global batch {ref.global_batch}, peak LR {ref.peak_lr:.4g}; "
              f"{mode}", "", "| GPUs | global batch | batch/GPU x accum | lr (config) | lr_rule | peak LR | warmup | "
              "epochs | steps/epoch |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -149,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         config = out / f"{task}_{plan.gpus}gpu.yaml"
         _write_config(config, raw, plan, task, Path(args.best))
         print(f"{config}:\n" + "\n".join(f"  {n}" for n in plan.notes))
+        rule = "table" if plan.lr_table else plan.lr_rule
         lines.append(
             f"| {plan.gpus} | {plan.global_batch} | {plan.batch_size_per_gpu} x {plan.accum} | {plan.lr:.4g} | "
-            f"{plan.lr_rule} | {plan.peak_lr:.4g} | {plan.warmup_epochs:g} | {plan.epochs} | "
+            f"{rule} | {plan.peak_lr:.4g} | {plan.warmup_epochs:g} | {plan.epochs} | "
             f"{plan.steps_per_epoch if plan.steps_per_epoch is not None else '?'} |"
         )
         if args.render and plan.gpus > 2:

@@ -15,6 +15,11 @@ Only `1 - overlap` of the allreduce adds to the step, and never less than what s
 the last gradients wait on average half a Horovod cycle before they are seen. Efficiency is
 `throughput_p / (p * throughput_1)` (the definition in the reference notes, horovod.md section 2), which here equals
 `step_1 / step_p`. Data loading, evaluation and stragglers are outside the model.
+
+Ranks that share a node may also slow each other's compute (on a CPU host they share the memory bus and the last
+level cache): with more than one rank on a node, the compute of one GPU alone is multiplied by the profile's
+`contention` factor, measured by an independent probe (`python -m jobs.bench_contention`) and 1 for GPUs, which
+do not share their compute.
 """
 
 from __future__ import annotations
@@ -87,12 +92,13 @@ class MachineProfile:
     cycle_ms: float = 1.0  # HOROVOD_CYCLE_TIME in ms
     overlap: float = 0.5  # fraction of the allreduce hidden behind the backward pass (0..1)
     backward_fraction: float = 2.0 / 3.0  # share of the compute that is backward: the most comm can hide behind
+    contention: float = 1.0  # compute time multiplier for each rank when more than one rank runs on a node
     notes: str = ""  # what the machine is, in one sentence
     sources: dict[str, str] = field(default_factory=dict, compare=False)  # field name -> where its value comes from
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("relative_throughput", "intra_bw_gbs", "nic_bw_gbs"):
+        for name in ("relative_throughput", "intra_bw_gbs", "nic_bw_gbs", "contention"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("gpus_per_node", "nics_per_node"):
@@ -114,6 +120,10 @@ class MachineProfile:
     def node_bw_gbs(self) -> float:
         """Network bandwidth out of one node (all its NICs)."""
         return self.nic_bw_gbs * min(self.nics_per_node, self.gpus_per_node)
+
+    def compute_factor(self, p: int) -> float:
+        """How much longer each rank computes on `p` GPUs than one GPU alone: `contention` with > 1 rank a node."""
+        return self.contention if min(p, self.gpus_per_node) > 1 else 1.0
 
 
 # The numbers of a profile that need a source (with `from __future__ import annotations` the types are strings).
@@ -137,6 +147,17 @@ _BACKWARD = "assumption: backward costs about twice the forward pass (activation
 _HVD_FUSION = "Horovod 0.28 operations.cc: SetTensorFusionThresholdBytes(128 * 1024 * 1024), the default"
 _HVD_CYCLE = "Horovod 0.28 operations.cc: SetCycleTimeMs(1), the default"
 _BENCH = "measured: `python -m jobs.bench_allreduce --repeats 2` on 2026-12-03 (dev machine, default launch, 2 ranks)"
+# Two processes with a core each on this host, the jobs.bench_scaling recipe's step (one thread each).
+CPU_CONTENTION = 1.16
+_CPU_CONTENTION_SOURCE = (
+    "measured: `python -m jobs.bench_contention` on 2026-12-03 (dev machine; two niced jobs of another session in the"
+    " background): the jobs.bench_scaling recipe's step, one thread, 200 steps x 3 rounds: median 31.6 ms alone,"
+    " 36.5 ms each with 2 processes at once, x1.158; an independent probe, not the 2-rank runs it predicts"
+)
+_GPU_CONTENTION = (
+    "assumption: 1, no contention: each rank computes on its own GPU with its own memory; what the ranks of a node"
+    " share (host CPU for data loading, PCIe) is outside the model"
+)
 
 # Pass a YAML/JSON profile or CLI flags to use your own numbers.
 PROFILES: dict[str, MachineProfile] = {
@@ -176,6 +197,7 @@ PROFILES: dict[str, MachineProfile] = {
             "overlap": "assumption: half the allreduce hidden behind backward (Horovod starts each fusion buffer from"
             " the backward hooks); not measured on that cluster",
             "backward_fraction": _BACKWARD,
+            "contention": _GPU_CONTENTION,
         },
     ),
     "modern_h100_ndr": MachineProfile(
@@ -213,6 +235,7 @@ PROFILES: dict[str, MachineProfile] = {
             "overlap": "assumption: 70% of the allreduce hidden behind backward (fast links finish most buffers"
             " before backward does); not measured",
             "backward_fraction": _BACKWARD,
+            "contention": _GPU_CONTENTION,
         },
     ),
     "cpu_this_machine": MachineProfile(
@@ -229,6 +252,7 @@ PROFILES: dict[str, MachineProfile] = {
         fusion_mb=128.0,
         cycle_ms=0.2,
         overlap=0.0,
+        contention=CPU_CONTENTION,
         notes="every rank on this one 2-core host, Horovod over OpenMPI's shared-memory transport; `calibrate`"
         " takes compute from measured 1-rank runs",
         sources={
@@ -249,6 +273,7 @@ PROFILES: dict[str, MachineProfile] = {
             "overlap": "assumption: none hidden: the loop times the exposed wait in optim.synchronize(), and the"
             " allreduce competes with backward for the same 2 cores",
             "backward_fraction": _BACKWARD,
+            "contention": _CPU_CONTENTION_SOURCE,
         },
     ),
 }
@@ -424,7 +449,8 @@ def predict_point(
 
     Args:
         profile: a profile name, file or object.
-        compute_step_s: compute seconds of one optimizer step (all `accum` micro-batches) on one GPU.
+        compute_step_s: compute seconds of one optimizer step (all `accum` micro-batches) on one GPU alone; with
+            more than one rank on a node it is multiplied by the profile's `contention`.
         grad_bytes: bytes allreduced per step (parameters x element size; half with fp16 compression).
         samples_per_epoch: training samples in one epoch.
         batch_per_gpu: samples per GPU per micro-batch.
@@ -436,19 +462,22 @@ def predict_point(
 
     Returns:
         gpus, nodes, algorithm, allreduce_calls, global_batch, steps_per_epoch (fractional: the model ignores the
-        dropped last batch), compute_s, allreduce_s, small_allreduce_s, exposed_comm_s (all communication on the
-        step's critical path), step_s, epoch_s, samples_per_s.
+        dropped last batch), compute_s (with contention), contention (the factor applied), allreduce_s,
+        small_allreduce_s, exposed_comm_s (all communication on the step's critical path), step_s, epoch_s,
+        samples_per_s.
     """
     prof = get_profile(profile)
     _check_point(compute_step_s, grad_bytes, samples_per_epoch, batch_per_gpu, p, accum)
+    contention = prof.compute_factor(p)
+    compute = compute_step_s * contention  # ranks that share a node slow each other down (CPU: the memory bus)
     comm, algo, calls = allreduce_time(grad_bytes, p, prof, n_tensors)
     # Backward hooks start each fusion buffer's allreduce while earlier layers still compute their gradients.
-    hideable = prof.backward_fraction * compute_step_s / accum
+    hideable = prof.backward_fraction * compute / accum
     hidden = min(prof.overlap * comm, hideable)
     tail = prof.cycle_ms * 1e-3 / 2 if p > 1 and calls else 0.0  # the last gradients wait ~half a cycle
     small = small_allreduce_time(prof, p, small_allreduces)
     exposed = comm - hidden + tail + small
-    step = compute_step_s + exposed
+    step = compute + exposed
     global_batch = batch_per_gpu * accum * p
     steps = samples_per_epoch / global_batch
     return {
@@ -458,7 +487,8 @@ def predict_point(
         "allreduce_calls": calls,
         "global_batch": global_batch,
         "steps_per_epoch": steps,
-        "compute_s": compute_step_s,
+        "compute_s": compute,
+        "contention": contention,
         "allreduce_s": comm,
         "small_allreduce_s": small,
         "exposed_comm_s": exposed,
@@ -579,7 +609,8 @@ def assumption_lines(
         + ("hierarchical allreduce across nodes" if p.hierarchical else "flat ring across nodes"),
         f"  Horovod: fusion buffer {p.fusion_mb:g} MiB, cycle {p.cycle_ms:g} ms; {p.overlap:.0%} of the allreduce "
         f"hidden behind backward (backward = {p.backward_fraction:.0%} of compute)",
-        f"  compute speed {p.relative_throughput:g} x a P100",
+        f"  compute speed {p.relative_throughput:g} x a P100; x{p.contention:.3g} compute time per rank when more"
+        " than one rank shares a node (contention)",
     ]
     if p.notes:
         lines.append(f"  machine: {p.notes}")
@@ -742,6 +773,8 @@ class Calibration:
             f"calibration of {p.name} on {_rank_words(self.fit_ranks)} ({self.method}): latency "
             f"{p.intra_latency_us:.4g} us per ring step, bandwidth {p.intra_bw_gbs:.4g} GB/s; compute "
             f"{self.compute_step_s:.4g} s per step{per_sample}",
+            f"  contention x{p.contention:.4g} on each rank's compute with more than one rank on the node, not fitted:"
+            f" {p.sources.get('contention', 'NO SOURCE GIVEN')}",
         ]
         for pt in self.points:
             how = "fitted" if pt["in_sample"] else f"held out, {pt['scaling']} scaling"
@@ -805,12 +838,17 @@ def _fit_comm(prof: MachineProfile, multi: Sequence[Measurement]) -> tuple[Machi
 def _compute_reference(prof: MachineProfile, fit: Sequence[Measurement]) -> tuple[float, float | None]:
     """Compute per step and per sample of the fitted runs at their smallest world size (per sample: None if unknown).
 
-    A multi-rank run's epoch less its gradient wait still holds its small collectives: their modelled time is taken
-    off, so that the compute is what one GPU would spend.
+    A multi-rank run's epoch less its gradient wait still holds its small collectives and its ranks' contention:
+    their modelled time is taken off and the rest divided by the contention factor, so that the compute is what
+    one GPU alone would spend.
     """
     smallest = min(m.world_size for m in fit)
     ref = [m for m in fit if m.world_size == smallest]
-    steps = [m.compute_step_s - small_allreduce_time(prof, m.world_size, m.small_allreduces) for m in ref]
+    steps = [
+        (m.compute_step_s - small_allreduce_time(prof, m.world_size, m.small_allreduces))
+        / prof.compute_factor(m.world_size)
+        for m in ref
+    ]
     compute = sum(steps) / len(steps)
     if not all(m.samples_per_step for m in ref):
         return compute, None
@@ -856,8 +894,9 @@ def calibrate(
     fitted (`fit_ranks=(1,)`) the profile's own (measured) numbers stay. Overlap is set to 0: the measured comm is
     already the exposed part. Compute per step (per sample when the batches are known, so that a strong-scaling
     run's smaller per-rank batch is predicted too) is the mean over the fitted runs at their smallest world size.
-    Every run, fitted or not, then gets the predicted epoch time and its error; `summaries` keeps the in-sample and
-    the out-of-sample errors apart.
+    The contention factor of ranks sharing a node is the profile's, measured by its own probe (jobs.bench_contention)
+    and never fitted here, so the held-out runs stay out of sample. Every run, fitted or not, then gets the
+    predicted epoch time and its error; `summaries` keeps the in-sample and the out-of-sample errors apart.
 
     Args:
         profile: the profile to fit (its latency and bandwidth are the prior).

@@ -283,6 +283,77 @@ def test_resolve_derives_batch_and_accumulation_and_the_lr_stays_fixed():
         batching.resolve(dataclasses.replace(cfg, accum=3), 2)
 
 
+MLPERF_TABLE = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "lr_table_mlperf_unet3d.yaml"
+
+
+def test_lr_table_row_is_the_largest_batch_not_above_the_global_batch():
+    rows = ["32:4.0:1000", "2:0.8:200", "56:2.0:1000", "80:1.5:1000"]  # any order
+    assert batching.parse_lr_table(rows)[0] == (2, 0.8, 200.0)
+    assert batching.lr_table_row(rows, 32) == (32, 4.0, 1000.0)  # exact row
+    assert batching.lr_table_row(rows, 2) == (2, 0.8, 200.0)
+    assert batching.lr_table_row(rows, 16) == (2, 0.8, 200.0)  # between rows: the row below
+    assert batching.lr_table_row(rows, 64) == (56, 2.0, 1000.0)
+    assert batching.lr_table_row(rows, 84) == batching.lr_table_row(rows, 4096) == (80, 1.5, 1000.0)
+    with pytest.raises(batching.BatchingError, match="no row for global batch 1: its smallest batch is 2"):
+        batching.lr_table_row(rows, 1)
+    # YAML rows, and the MLPerf preset as a file.
+    assert batching.lr_table_row([[2, 0.8, 200], [32, 4, 1000]], 40) == (32, 4.0, 1000.0)
+    mlperf = batching.parse_lr_table([str(MLPERF_TABLE)])
+    assert mlperf == ((2, 0.8, 200.0), (32, 4.0, 1000.0), (56, 2.0, 1000.0), (80, 1.5, 1000.0))
+    for bad, match in (
+        (["2:0.8"], "BATCH:LR:WARMUP"),
+        (["2:x:200"], "needs numbers"),
+        (["0:0.8:200"], "whole batch >= 1"),
+        (["2.5:0.8:200"], "whole batch >= 1"),
+        (["2:-1:200"], "LR > 0"),
+        ([7320], "quote rows in YAML"),  # what YAML makes of an unquoted 2:2:0
+        (["2:0.8:200", "2:0.4:100"], "global batch 2 has more than one row"),
+        (["missing.yaml"], "missing.yaml does not exist"),
+    ):
+        with pytest.raises(batching.BatchingError, match=match):
+            batching.parse_lr_table(bad)
+
+
+def test_lr_table_gives_peak_lr_and_warmup_in_weak_and_strong_scaling(tmp_path):
+    table = ("2:0.8:200", "32:4.0:1000", "56:2.0:1000", "80:1.5:1000")
+    weak = TrainConfig(batch_size_per_gpu=2, lr=1e-4, lr_rule="sqrt", warmup_epochs=5, lr_table=table)
+    for ranks, sim, peak, warmup in ((1, 1, 0.8, 200), (4, 4, 4.0, 1000), (16, 2, 2.0, 1000), (40, 1, 1.5, 1000)):
+        r = batching.resolve(dataclasses.replace(weak, simulate_gpus=sim), ranks)
+        assert r.warmup_epochs == warmup and batching.peak_lr(r, ranks * sim) == peak  # not the sqrt rule
+        assert batching.resolve(r, ranks) is r  # idempotent
+    # Strong scaling: the global batch, hence the row, is the same at every GPU count.
+    strong = TrainConfig(global_batch=64, batch_size_per_gpu=4, lr=1e-4, lr_table=table)
+    for ranks in (1, 2, 4, 16):
+        r = batching.resolve(strong, ranks)
+        assert (batching.peak_lr(r, ranks), r.warmup_epochs, batching.check(r, ranks)) == (2.0, 1000, 64)
+    with pytest.raises(batching.BatchingError, match="gives global batch 64 a warmup of 1000 epochs, the config 1"):
+        batching.check(dataclasses.replace(strong, batch_size_per_gpu=16), 4)  # not resolved: warmup still 1
+    with pytest.raises(batching.BatchingError, match="no row for global batch 1"):
+        batching.resolve(dataclasses.replace(weak, batch_size_per_gpu=1), 1)
+    # From flags (rows or the preset file) and from a YAML preset with rows; resolve writes the rows out.
+    flags = parse_config(TrainConfig, ["--lr-table", *table[:2]])
+    assert batching.resolve(flags, 16).lr_table == ("2:0.8:200.0", "32:4.0:1000.0")
+    from_file = batching.resolve(parse_config(TrainConfig, ["--lr-table", str(MLPERF_TABLE)]), 1)
+    assert from_file.lr_table[-1] == "80:1.5:1000.0" and from_file.warmup_epochs == 200
+    preset = tmp_path / "p.yaml"
+    preset.write_text("batch_size_per_gpu: 2\nlr_table:\n  - [2, 0.8, 200]\n  - [32, 4.0, 1000]\n")
+    cfg = batching.resolve(parse_config(TrainConfig, ["--config", str(preset)]), 16)
+    assert batching.peak_lr(cfg, 16) == 4.0 and cfg.warmup_epochs == 1000
+
+
+def test_fit_takes_the_peak_lr_and_warmup_from_the_table(tmp_path):
+    # ToyNet, 64 samples: 1 GPU x 4 = global batch 4 -> row 4 (LR 0.2, 1 warmup epoch); 2 simulated GPUs -> row 8.
+    table = ("4:0.2:1", "8:0.1:0")
+    out, _ = _fit(tmp_path / "one", lr=0.01, lr_rule="linear", lr_table=table, epochs=2, schedule="constant")
+    cfg = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert out["lr"] == cfg["peak_lr"] == 0.2 and cfg["warmup_epochs"] == 1.0
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[-1] == pytest.approx(0.2)
+    sim, _ = _fit(tmp_path / "two", lr=0.01, lr_rule="linear", lr_table=table, simulate_gpus=2, epochs=1)
+    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert sim["lr"] == cfg["peak_lr"] == 0.1 and cfg["warmup_epochs"] == 0.0 and cfg["global_batch"] == 8
+
+
 def test_strong_scaling_is_the_same_optimisation_on_one_and_on_simulated_gpus(tmp_path):
     """--global-batch 16: 1 GPU (4 x accum 4), 2 simulated GPUs (4 x accum 2), 4 (4 x 1): same steps, LR, weights."""
     runs = {}

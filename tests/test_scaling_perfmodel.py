@@ -26,6 +26,8 @@ TOY = pm.MachineProfile(
     cycle_ms=0.0,
     overlap=0.0,
 )
+# The CPU profile on a machine whose ranks do not slow each other (the calibration tests' synthetic runs).
+CPU_NO_CONTENTION = pm.derive(pm.PROFILES["cpu_this_machine"], "test: no contention", contention=1.0)
 
 
 def test_ring_allreduce_hand_computed():
@@ -139,7 +141,7 @@ def _run(p: int, batch: int, lat_us: float, bw_gbs: float, small: int = 0, per_s
 
 
 def test_calibration_recovers_latency_and_bandwidth():
-    cal = pm.calibrate("cpu_this_machine", _measurements(80.0, 1.5, [1, 2, 3, 4]))
+    cal = pm.calibrate(CPU_NO_CONTENTION, _measurements(80.0, 1.5, [1, 2, 3, 4]))
     assert cal.method == "least squares"
     assert cal.profile.intra_latency_us == pytest.approx(80.0, rel=1e-6)
     assert cal.profile.intra_bw_gbs == pytest.approx(1.5, rel=1e-6)
@@ -153,13 +155,13 @@ def test_calibration_recovers_latency_and_bandwidth():
 
 
 def test_calibration_with_one_world_size_uses_a_ratio_and_fits_that_point():
-    cal = pm.calibrate("cpu_this_machine", _measurements(300.0, 0.5, [1, 2]))
+    cal = pm.calibrate(CPU_NO_CONTENTION, _measurements(300.0, 0.5, [1, 2]))
     assert cal.method.startswith("ratio")
     two = next(pt for pt in cal.points if pt["world_size"] == 2)
     assert two["error_pct"] == pytest.approx(0.0, abs=1e-9)
-    assert pm.calibrate("cpu_this_machine", _measurements(1, 1, [1])).method.startswith("no multi-rank run fitted")
+    assert pm.calibrate(CPU_NO_CONTENTION, _measurements(1, 1, [1])).method.startswith("no multi-rank run fitted")
     with pytest.raises(ValueError, match="at least one"):
-        pm.calibrate("cpu_this_machine", [])
+        pm.calibrate(CPU_NO_CONTENTION, [])
     with pytest.raises(ValueError, match="per node"):
         pm.calibrate("study_p100_edr", _measurements(10, 10, [8]))
 
@@ -202,7 +204,7 @@ def test_sources_follow_changes():
 def test_fit_on_one_rank_predicts_two_ranks_out_of_sample_hand_computed():
     # True machine: 300 us per ring step, 2 GB/s, 10 ms of compute per sample, 3 small collectives per step.
     runs = [_run(1, 2, 300.0, 2.0, 3), _run(2, 2, 300.0, 2.0, 3), _run(2, 1, 300.0, 2.0, 3)]
-    cal = pm.calibrate("cpu_this_machine", runs, fit_ranks=(1,))
+    cal = pm.calibrate(CPU_NO_CONTENTION, runs, fit_ranks=(1,))
     # Nothing multi-rank is fitted: the profile keeps bench_allreduce's 258 us and 4.1 GB/s.
     assert cal.method.startswith("no multi-rank run fitted") and cal.fit_ranks == (1,)
     assert cal.profile.intra_latency_us == 258.0 and cal.profile.intra_bw_gbs == 4.1
@@ -237,19 +239,19 @@ def test_fit_on_one_rank_predicts_two_ranks_out_of_sample_hand_computed():
 
 def test_out_of_sample_error_outside_the_target_and_fit_choices():
     slow = [_run(1, 2, 3000.0, 0.5), _run(2, 2, 3000.0, 0.5), _run(2, 2, 3000.0, 0.5)]
-    cal = pm.calibrate("cpu_this_machine", slow, fit_ranks=[1])
+    cal = pm.calibrate(CPU_NO_CONTENTION, slow, fit_ranks=[1])
     out = [s for s in cal.summaries() if not s["in_sample"]]
     assert len(out) == 1 and out[0]["runs"] == 2 and not out[0]["within_target"]
     assert any(
         line.endswith("NOT within the 15% target") and "(largest of 2 runs)" in line for line in cal.summary_lines()
     )
     # Fitted on every run, the 2-rank runs are in sample: the ratio fit then matches them exactly.
-    every = pm.calibrate("cpu_this_machine", slow)
+    every = pm.calibrate(CPU_NO_CONTENTION, slow)
     assert every.fit_ranks is None and all(pt["in_sample"] for pt in every.points)
     assert "out-of-sample error: no real run outside the fitted ones (all runs) to predict" in every.summary_lines()
     assert all(abs(pt["error_pct"]) < 1e-6 for pt in every.points)
     with pytest.raises(ValueError, match=r"no real run at the fit ranks \[4\] \(runs at \[1, 2\] ranks\)"):
-        pm.calibrate("cpu_this_machine", slow, fit_ranks=(4,))
+        pm.calibrate(CPU_NO_CONTENTION, slow, fit_ranks=(4,))
     assert pm.parse_ranks("1") == (1,) and pm.parse_ranks("1, 2") == (1, 2) and pm.parse_ranks("all") is None
     for bad in ("", "0", "one"):
         with pytest.raises(ValueError, match="fit ranks"):
@@ -407,3 +409,83 @@ def test_predict_cli_strong_scaling_beside_weak(capsys):
     assert all(r["steps_per_epoch"] == pytest.approx(50) for r in strong)
     assert predict_scaling.main([*args, "--global-batch", "12"]) == 2
     assert "global batch 12 does not split evenly over 8 GPUs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- contention of ranks sharing a node
+
+
+def test_contention_multiplies_compute_only_with_more_than_one_rank_per_node():
+    prof = replace(TOY, contention=1.25)
+    one = pm.predict_point(prof, 0.2, 1e8, 100, 2, 1)
+    assert (one["compute_s"], one["contention"], one["step_s"]) == (0.2, 1.0, 0.2)  # 1 rank: as measured
+    two = pm.predict_point(prof, 0.2, 1e8, 100, 2, 2)
+    assert two["contention"] == 1.25 and two["compute_s"] == pytest.approx(0.25)
+    # 0.25 s of compute + the ring of 1e8 B over 2 GPUs (1e8 / 1e10 s + 2 x 5 us); no cycle, no overlap in TOY.
+    assert two["step_s"] == pytest.approx(0.25 + 0.01 + 10e-6)
+    assert two["step_s"] - pm.predict_point(TOY, 0.2, 1e8, 100, 2, 2)["step_s"] == pytest.approx(0.05)
+    # One GPU per node: no rank shares a node, so no contention even on 8 GPUs.
+    alone = replace(prof, gpus_per_node=1)
+    assert pm.predict_point(alone, 0.2, 1e8, 100, 2, 8)["compute_s"] == 0.2
+    assert prof.compute_factor(1) == 1.0 and prof.compute_factor(64) == 1.25 and alone.compute_factor(8) == 1.0
+    # The weak-scaling table: speedup against 1 GPU shrinks by the factor when comm is free.
+    free = pm.predict_table(prof, 0.2, 0.0, 100, 2, gpus=[1, 2, 4])
+    assert [r["speedup"] for r in free] == pytest.approx([1.0, 2 / 1.25, 4 / 1.25])
+    with pytest.raises(ValueError, match="contention must be > 0"):
+        replace(TOY, contention=0.0)
+
+
+def test_contention_is_in_the_out_of_sample_prediction_and_never_fitted():
+    # True machine: 300 us per ring step, 2 GB/s, 10 ms per sample alone, x1.2 with 2 ranks on the host.
+    c = 1.2
+    np1 = _run(1, 2, 300.0, 2.0)
+    np2 = _run(2, 2, 300.0, 2.0)
+    slowed = replace(np2, epoch_time_s=np2.epoch_time_s + np2.steps_per_epoch * 0.02 * (c - 1))
+    # The profile's latency and bandwidth match the machine, so only the compute can be wrong.
+    exact = pm.derive(CPU_NO_CONTENTION, "test", intra_latency_us=300.0, intra_bw_gbs=2.0, inter_latency_us=300.0)
+    without = pm.calibrate(exact, [np1, slowed], fit_ranks=(1,))
+    with_c = pm.calibrate(pm.derive(exact, "measured: a probe", contention=c), [np1, slowed], fit_ranks=(1,))
+    assert without.points[1]["error_pct"] < -5  # too fast: two ranks computing as fast as one alone
+    assert with_c.points[1]["error_pct"] == pytest.approx(0.0, abs=1e-9)
+    assert with_c.profile.contention == c  # calibration keeps the probe's factor: it is not fitted to the runs
+    assert any("contention x1.2" in line and "not fitted: measured: a probe" in line for line in with_c.lines())
+    # Fitted on the 2-rank run itself, the compute is one GPU's alone: the contention is taken out.
+    own = pm.calibrate(pm.derive(exact, "measured: a probe", contention=c), [np1, slowed], fit_ranks=(2,))
+    assert own.compute_step_s == pytest.approx(0.02) and own.points[0]["error_pct"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_contention_sources():
+    cpu = pm.PROFILES["cpu_this_machine"]
+    assert cpu.contention == pm.CPU_CONTENTION and cpu.contention > 1
+    assert cpu.sources["contention"].startswith("measured: `python -m jobs.bench_contention`")
+    assert "not the 2-rank runs it predicts" in cpu.sources["contention"]
+    for name in ("study_p100_edr", "modern_h100_ndr"):
+        gpu = pm.PROFILES[name]
+        assert gpu.contention == 1.0 and gpu.sources["contention"].startswith("assumption: 1, no contention")
+    text = "\n".join(pm.assumption_lines(cpu))
+    assert f"x{cpu.contention:.3g} compute time per rank when more than one rank shares a node" in text
+    assert f"contention = {cpu.contention:g}: measured: `python -m jobs.bench_contention`" in text
+
+
+def test_predict_cli_contention_override(capsys):
+    args = ["--profile", "study_p100_edr", "--step-time", "0.5", "--grad-bytes", "0", "--samples", "800"]
+    args += ["--batch", "2", "--gpus", "1,2", "--json"]
+    assert predict_scaling.main([*args, "--contention", "1.5"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["compute_s"] for r in rows] == pytest.approx([0.5, 0.75])
+    assert predict_scaling.main([*args[:-1], "--contention", "1.5"]) == 0
+    assert "contention = 1.5: command line: --contention 1.5" in capsys.readouterr().out
+
+
+def test_contention_probe_pieces():
+    from jobs import bench_contention
+
+    assert bench_contention.contention_factor([1.0, 2.0, 3.0], [[2.4, 2.6], [2.0, 3.0]]) == pytest.approx(2.5 / 2.0)
+    with pytest.raises(ValueError, match="at least one"):
+        bench_contention.contention_factor([], [[1.0]])
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert 0 < bench_contention.step_time(bench_contention.CONFIG, 1) < 10  # one step of the bench_scaling recipe
+    finally:
+        torch.set_num_threads(threads)  # step_time sets the preset's threads for its (worker) process

@@ -104,3 +104,75 @@ def test_scale_job_errors(tmp_path, capsys):
     # A count that cannot work is skipped (exit 1); the others are still written.
     assert scale_main([*base, "--gpus", "1,64", "--task", "unet", "--train-samples", "50"]) == 1
     assert "64 GPUs" in capsys.readouterr().err and (tmp_path / "o" / "unet_1gpu.yaml").is_file()
+
+
+MLPERF = "jobs/configs/lr_table_mlperf_unet3d.yaml"
+TABLE = ("2:0.8:200", "32:4.0:1000", "56:2.0:1000", "80:1.5:1000")
+
+
+def test_table_rule_takes_lr_and_warmup_from_the_row_of_the_global_batch():
+    ref = Reference(1, 2, 1, 1e-4, "none", 0, 100, train_samples=4096)
+    plans = {n: plan_for(ref, n, "table", 5, table=TABLE) for n in (1, 8, 16, 28, 40)}
+    got = {n: (p.global_batch, p.peak_lr, p.warmup_epochs, p.epochs) for n, p in plans.items()}
+    assert got == {
+        1: (2, 0.8, 200, 300),
+        8: (16, 0.8, 200, 300),  # between rows: batch 2's row
+        16: (32, 4.0, 1000, 1100),
+        28: (56, 2.0, 1000, 1100),
+        40: (80, 1.5, 1000, 1100),
+    }
+    for p in plans.values():
+        assert (p.lr, p.lr_rule, p.batch_size_per_gpu, p.accum) == (1e-4, "none", 2, 1)  # the ramp starts at lr
+        assert p.changes()["lr_table"] == [[2, 0.8, 200.0], [32, 4.0, 1000.0], [56, 2.0, 1000.0], [80, 1.5, 1000.0]]
+    assert any("row for batch 32" in n for n in plans[16].notes)
+    # Keeping the global batch: one row at every count.
+    kept = [plan_for(Reference(1, 64, 1, 1e-4, "none", 0, 100), n, "table", 5, True, TABLE) for n in (1, 4, 16)]
+    assert {(p.global_batch, p.peak_lr, p.warmup_epochs) for p in kept} == {(64, 2.0, 1000)}
+    assert [(p.batch_size_per_gpu, p.accum) for p in kept] == [(64, 1), (16, 1), (4, 1)]
+    with pytest.raises(ScaleError, match="1 GPUs: --lr-table has no row for global batch 1"):
+        plan_for(Reference(1, 1, 1, 1e-4, "none", 0, 10), 1, "table", 5, table=TABLE)
+    with pytest.raises(ScaleError, match="needs a batch -> \\(LR, warmup\\) table"):
+        plan_for(ref, 2, "table", 5)
+    with pytest.raises(ScaleError, match="not as a factor"):
+        lr_factor("table", 2)
+    # Other rules on the linear/sqrt path are unchanged and drop the table (changes: lr_table None).
+    assert plan_for(ref, 2, "linear", 5).changes()["lr_table"] is None
+
+
+def test_reference_tuned_with_a_table_has_the_tables_peak():
+    ref = Reference(2, 8, 1, 1e-4, "linear", 1000, 10, lr_table=TABLE)  # global batch 16 -> row 2
+    assert ref.peak_lr == 0.8
+    assert plan_for(ref, 4, "linear", 5).peak_lr == pytest.approx(1.6)
+
+
+def test_scale_job_table_rule_writes_each_count_from_the_table(tmp_path, capsys):
+    best = tmp_path / "best.yaml"
+    best.write_text("lr: 0.0001\nbatch_size_per_gpu: 2\nwarmup_epochs: 0\nepochs: 100\noptimizer: sgd\n")
+    out = tmp_path / "t"
+    args = ["--best", str(best), "--task", "unet", "--gpus", "1,16,28,40", "--rule", "table", "--out", str(out)]
+    assert scale_main([*args, "--lr-table", MLPERF]) == 0
+    printed = capsys.readouterr().out
+    assert "peak LR 0.0001 -> 4 and warmup 0 -> 1000 epochs from the table's row for batch 32" in printed
+    from hvdtrain import batching
+    from segmentation.config import UNetConfig
+
+    for gpus, peak, warmup in ((1, 0.8, 200), (16, 4.0, 1000), (28, 2.0, 1000), (40, 1.5, 1000)):
+        cfg = parse_config(UNetConfig, ["--config", str(out / f"unet_{gpus}gpu.yaml")])
+        assert (cfg.lr, cfg.lr_rule, cfg.warmup_epochs) == (0.0001, "none", warmup)
+        # The trainer reads the same peak and warmup from the written table on that many ranks.
+        resolved = batching.resolve(cfg, gpus)
+        assert batching.peak_lr(resolved, gpus) == peak and resolved.warmup_epochs == warmup
+    plan = (out / "plan.md").read_text()
+    assert "LR and warmup from the table" in plan and "| 16 | 32 | 2 x 1 | 0.0001 | table | 4 | 1000 | 1100 |" in plan
+    # The table can come from best.yaml itself; other rules then drop it from the configs.
+    best.write_text(best.read_text() + "lr_table: ['2:0.8:200', '32:4.0:1000']\n")
+    assert scale_main([*args[:5], "1,16", "--rule", "table", "--out", str(tmp_path / "b")]) == 0
+    assert yaml.safe_load((tmp_path / "b" / "unet_16gpu.yaml").read_text())["warmup_epochs"] == 1000
+    assert scale_main([*args[:5], "1,2", "--rule", "linear", "--out", str(tmp_path / "l")]) == 0
+    linear = (tmp_path / "l" / "unet_2gpu.yaml").read_text()
+    assert "lr_table" not in yaml.safe_load(linear) and "the tuned lr_table is dropped" in linear
+    assert yaml.safe_load(linear)["lr"] == pytest.approx(0.8)  # peak 0.8 (the table's, batch 2) x2 / 2 GPUs
+    capsys.readouterr()
+    best.write_text("lr: 0.0001\n")
+    assert scale_main([*args[:5], "1", "--rule", "table", "--out", str(tmp_path / "e")]) == 2
+    assert "--rule table needs --lr-table" in capsys.readouterr().err

@@ -12,6 +12,11 @@ Two ways to go to N GPUs:
   the added warmup so the post-warmup schedule is as long as the tuned one;
 * `keep_global_batch`: per-GPU batch x accumulation = tuned global batch / N, the same peak LR with no
   scaling rule (`lr_rule: none`), warmup and epochs as tuned: the optimisation is the tuned one, only faster.
+
+The `table` rule takes the peak LR and the warmup from a batch -> (LR, warmup) table instead (MLPerf's 3D U-Net
+table: jobs/configs/lr_table_mlperf_unet3d.yaml), for the global batch of either way: the plan writes the table
+into the config (`lr_table`, which the trainer reads the same way, hvdtrain.batching) with the row's warmup, and
+the epochs grow by the warmup added over the tuned one. The tuned `lr` stays as the start of the warmup ramp.
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from hvdtrain.batching import split_global_batch
+from hvdtrain.batching import BatchingError, LRRow, lr_table_row, parse_lr_table, split_global_batch
 from hvdtrain.schedule import scale_lr
 
 __all__ = ["RULES", "ScaleError", "Reference", "Plan", "lr_factor", "plan_for"]
 
-RULES = ("linear", "sqrt", "none")
+RULES = ("linear", "sqrt", "none", "table")
 
 
 class ScaleError(ValueError):
@@ -40,6 +45,8 @@ def lr_factor(rule: str, k: float) -> float:
         return math.sqrt(k)
     if rule == "none":
         return 1.0
+    if rule == "table":
+        raise ScaleError("the table rule gives the LR from its rows, not as a factor: pass the table to plan_for")
     raise ScaleError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
 
 
@@ -59,6 +66,7 @@ class Reference:
     warmup_epochs: float
     epochs: int
     train_samples: int | None = None  # training samples per epoch, when known (steps per epoch follow)
+    lr_table: tuple[str, ...] = ()  # the config's lr_table, when the trials took their LR from one
 
     @property
     def global_batch(self) -> int:
@@ -67,6 +75,8 @@ class Reference:
     @property
     def peak_lr(self) -> float:
         """The LR the tuned trials actually trained at (after warmup)."""
+        if self.lr_table:
+            return lr_table_row(self.lr_table, self.global_batch)[1]
         return scale_lr(self.lr, self.lr_rule, self.gpus * self.accum)
 
 
@@ -85,10 +95,12 @@ class Plan:
     peak_lr: float
     steps_per_epoch: int | None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    lr_table: tuple[LRRow, ...] = ()  # the table rule's rows (none for the other rules: the config drops lr_table)
 
     def changes(self) -> dict[str, Any]:
-        """Config fields to set (over the tuned config) for this GPU count."""
+        """Config fields to set (over the tuned config) for this GPU count; `lr_table` None: remove it."""
         return {
+            "lr_table": [list(row) for row in self.lr_table] or None,
             "batch_size_per_gpu": self.batch_size_per_gpu,
             "accum": self.accum,
             "simulate_gpus": 1,
@@ -121,10 +133,56 @@ def _steps(train_samples: int | None, global_batch: int, gpus: int) -> int | Non
     return steps
 
 
-def plan_for(ref: Reference, gpus: int, rule: str, warmup: float, keep_global_batch: bool = False) -> Plan:
-    """The plan for `gpus` GPUs (see the module docstring)."""
+def _table_plan(ref: Reference, gpus: int, table: tuple[LRRow, ...], keep_global_batch: bool) -> Plan:
+    """The plan of the `table` rule: peak LR and warmup from the row of the global batch on `gpus` GPUs."""
+    if keep_global_batch:
+        batch, accum = _split_batch(ref.global_batch, gpus, ref.batch_size_per_gpu)
+    else:
+        batch, accum = ref.batch_size_per_gpu, ref.accum
+    g = batch * gpus * accum
+    try:
+        row_batch, peak, warm = lr_table_row(table, g)
+    except BatchingError as e:
+        raise ScaleError(f"{gpus} GPUs: {e}") from None
+    steps = _steps(ref.train_samples, g, gpus)
+    epochs = ref.epochs + max(0, math.ceil(warm - ref.warmup_epochs))
+    how = f"{g} (as tuned)" if g == ref.global_batch else f"{ref.global_batch} -> {g}"
+    notes = [
+        f"global batch {how}: {batch}/GPU x {gpus} GPU(s) x accum {accum}",
+        f"peak LR {ref.peak_lr:.4g} -> {peak:.4g} and warmup {ref.warmup_epochs:g} -> {warm:g} epochs from the table's "
+        f"row for batch {row_batch} (lr_table in the config; lr_rule none: the trainer does not rescale it)",
+        f"the warmup ramps from lr {ref.lr:.4g}, the tuned base LR",
+    ]
+    if epochs != ref.epochs:
+        notes.append(f"epochs {ref.epochs} -> {epochs}: the added warmup comes on top of the tuned schedule")
+    if steps is not None:
+        notes.append(f"{steps} optimizer step(s) per epoch on {ref.train_samples} samples")
+    return Plan(gpus, batch, accum, ref.lr, "none", warm, epochs, g, _sig(peak), steps, tuple(notes), table)
+
+
+def plan_for(
+    ref: Reference,
+    gpus: int,
+    rule: str,
+    warmup: float,
+    keep_global_batch: bool = False,
+    table: Any = None,
+) -> Plan:
+    """The plan for `gpus` GPUs (see the module docstring); `table`: the rows of the `table` rule.
+
+    Raises:
+        ScaleError: a count the recipe cannot be carried to, an unknown rule, or the table rule without rows.
+    """
     if gpus < 1:
         raise ScaleError(f"GPU counts must be >= 1, got {gpus}")
+    if rule == "table":
+        if not table:
+            raise ScaleError("the table rule needs a batch -> (LR, warmup) table: --lr-table FILE or lr_table in best")
+        try:
+            rows = parse_lr_table(table)
+        except BatchingError as e:
+            raise ScaleError(str(e)) from None
+        return _table_plan(ref, gpus, rows, keep_global_batch)
     lr_factor(rule, 1.0)  # validates the rule name
     peak0, g0 = ref.peak_lr, ref.global_batch
     notes = []

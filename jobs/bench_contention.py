@@ -1,0 +1,127 @@
+"""How much slower one process computes when others compute beside it on the same node: the contention factor.
+
+    python -m jobs.bench_contention                                  # the jobs.bench_scaling recipe, 1 vs 2 processes
+    python -m jobs.bench_contention --config jobs/configs/unet_demo.yaml --procs 2 --repeats 5
+
+The probe behind `contention` in `scaling.perfmodel`'s CPU profile. It times the recipe's training step (its U-Net,
+Dice + BCE loss and AdamW on random patches of its patch size and per-GPU batch, the preset's threads per process,
+no communication) in one process alone, then in `--procs` independent processes started together, `--repeats`
+times alternately. The factor is the median step time of a process among `--procs` over the median alone: each
+rank's compute on a node with that many busy ranks is the 1-rank compute times the factor (on this 2-core host the
+processes share the memory bus and the L3 cache, so it is above 1 even with a core each).
+
+It never runs the trainer or Horovod: the multi-rank runs that the calibrated model predicts play no part in it,
+so the out-of-sample check of `jobs.scaling_report` stays out of sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from jobs._launch import child_env
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "jobs" / "configs" / "unet_bench_scaling.yaml"
+
+
+def step_time(config: str | Path, steps: int, threads: int | None = None) -> float:
+    """Seconds per training step of the preset's U-Net in this process (after 3 untimed steps)."""
+    from hvdtrain import parse_config
+    from segmentation.config import UNetConfig
+    from segmentation.engine import build_model, make_loss, model_kwargs
+
+    cfg = parse_config(UNetConfig, ["--config", str(config)])
+    torch.set_num_threads(threads or cfg.threads or 1)
+    torch.manual_seed(0)
+    model = build_model(model_kwargs(cfg))
+    loss_fn = make_loss(cfg, reduce_fn=lambda t: t)  # one process: the global-batch sums are its own
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    x = torch.randn(cfg.batch_size_per_gpu, 1, *cfg.patch_size)
+    y = (torch.rand(cfg.batch_size_per_gpu, 1, *cfg.patch_size) > 0.9).float()
+    t0 = 0.0
+    for i in range(steps + 3):
+        if i == 3:
+            t0 = time.perf_counter()
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t0) / steps
+
+
+def concurrent_step_times(n: int, config: str | Path, steps: int, threads: int | None) -> list[float]:
+    """Seconds per step of each of `n` worker processes started together."""
+    cmd = [sys.executable, "-m", "jobs.bench_contention", "--worker", "--config", str(config), "--steps", str(steps)]
+    cmd += ["--threads", str(threads)] if threads else []
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=child_env()) for _ in range(n)]
+    outs = [p.communicate(timeout=1800)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"bench_contention: a worker process failed: {outs}")
+    return [float(o.strip().splitlines()[-1]) for o in outs]
+
+
+def contention_factor(alone: list[float], together: list[list[float]]) -> float:
+    """Median step time of a process among others over the median alone (>= 1 when they slow each other)."""
+    if not alone or not together or not all(together):
+        raise ValueError("need at least one step time alone and one of the processes run together")
+    return statistics.median(t for run in together for t in run) / statistics.median(alone)
+
+
+def _rel(path: str | Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m jobs.bench_contention", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(CONFIG), help="U-Net preset whose step is timed (default: bench_scaling's)")
+    p.add_argument("--procs", type=int, default=2, help="processes run together (default 2: one per core here)")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per process")
+    p.add_argument("--repeats", type=int, default=3, help="alone / together rounds, alternated")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: the preset's)")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        print(step_time(a.config, a.steps, a.threads), flush=True)
+        return {}
+    if a.procs < 2 or a.repeats < 1 or a.steps < 1:
+        p.error("need --procs >= 2, --repeats >= 1 and --steps >= 1")
+    t0 = time.time()
+    alone, together = [], []
+    for _ in range(a.repeats):  # alternated, so a drift of the machine's speed hits both sides alike
+        alone += concurrent_step_times(1, a.config, a.steps, a.threads)
+        together.append(concurrent_step_times(a.procs, a.config, a.steps, a.threads))
+    factor = contention_factor(alone, together)
+    out = {
+        "config": _rel(a.config),
+        "procs": a.procs,
+        "steps": a.steps,
+        "alone_step_s": alone,
+        "together_step_s": together,
+        "contention": factor,
+        "wall_s": time.time() - t0,
+    }
+    print(f"step of {_rel(a.config)}, {a.steps} steps per process, {a.repeats} rounds")
+    print("alone:    " + ", ".join(f"{t * 1e3:.2f}" for t in alone) + " ms/step")
+    for run in together:
+        print(f"{a.procs} at once: " + ", ".join(f"{t * 1e3:.2f}" for t in run) + " ms/step")
+    print(f"contention factor at {a.procs} processes per node: {factor:.3f} (median step among {a.procs} / alone); "
+          f"{out['wall_s']:.0f} s")  # fmt: skip
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
