@@ -417,7 +417,10 @@ def _open_run_folder(
         _trim_metrics(paths.metrics, state.epoch)
         paths.requeue.unlink(missing_ok=True)
         paths.stalled.unlink(missing_ok=True)  # left by the watchdog of the run this one resumes
-    rule = cfg.lr_rule if shape.scaling == "weak" else "fixed global batch: not scaled"
+    if cfg.lr_table:
+        rule = f"--lr-table row for batch {shape.global_batch}, warmup {cfg.warmup_epochs:g} epochs"
+    else:
+        rule = cfg.lr_rule if shape.scaling == "weak" else "fixed global batch: not scaled"
     dist.print0(
         f"{d.size} rank(s) x {cfg.simulate_gpus} simulated = {shape.gpus} GPU(s); batch {cfg.batch_size_per_gpu}"
         f"/GPU x accum {cfg.accum} = global batch {shape.global_batch} ({shape.scaling} scaling); lr {cfg.lr} -> "

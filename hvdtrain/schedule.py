@@ -10,10 +10,14 @@ import torch
 __all__ = ["scale_lr", "LRSchedule"]
 
 
-def scale_lr(base_lr: float, rule: str, n: int) -> float:
-    """The learning rate for `n` times the base batch: linear (Goyal et al. 2017), sqrt (Krizhevsky 2014) or none."""
-    if n < 1:
-        raise ValueError(f"the scaling factor must be >= 1, got {n}")
+def scale_lr(base_lr: float, rule: str, n: float) -> float:
+    """The learning rate for `n` times the base batch: linear (Goyal et al. 2017), sqrt (Krizhevsky 2014) or none.
+
+    The one LR rule table of the suite (the trainer's --lr-rule and `tuning.transfer`'s carry-over); `n` may be
+    below 1 when a recipe is carried to a smaller global batch.
+    """
+    if not n > 0:
+        raise ValueError(f"the scaling factor must be > 0, got {n}")
     if rule == "linear":
         return base_lr * n
     if rule == "sqrt":

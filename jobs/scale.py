@@ -29,8 +29,8 @@ import yaml
 
 from hvdtrain import parse_config
 from hvdtrain.batching import BatchingError, lr_table_row
-from tuning.scale import RULES, Plan, Reference, ScaleError, plan_for
 from tuning.tasks import TASKS
+from tuning.transfer import RULES, Plan, Reference, ScaleError, plan_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -48,7 +48,6 @@ __all__ = [
     "derive",
     "format_prediction",
     "get_profile",
-    "grad_bytes_of",
     "hierarchical_allreduce_time",
     "load_profile",
     "missing_sources",
@@ -270,7 +269,7 @@ PROFILES: dict[str, MachineProfile] = {
             "hierarchical": "assumption: one host, no node level to reduce across",
             "fusion_mb": f"{_HVD_FUSION}; jobs/_launch.py leaves HOROVOD_FUSION_THRESHOLD unset",
             "cycle_ms": "jobs/_launch.py: the default launch sets HOROVOD_CYCLE_TIME=0.2",
-            "overlap": "assumption: none hidden: the loop times the exposed wait in optim.synchronize(), and the"
+            "overlap": "assumption: none hidden: the loop times the exposed wait in dist.synchronize(), and the"
             " allreduce competes with backward for the same 2 cores",
             "backward_fraction": _BACKWARD,
             "contention": _CPU_CONTENTION_SOURCE,
@@ -583,11 +582,6 @@ def predict_strong_table(
         speedup = base["epoch_s"] / row["epoch_s"]
         row.update(profile=prof.name, scaling="strong", speedup=speedup, efficiency=speedup / row["gpus"])
     return rows
-
-
-def grad_bytes_of(parameters: Iterable[Any]) -> int:
-    """Bytes of the gradients of `parameters` (torch tensors) that require grad: what Horovod allreduces."""
-    return int(sum(t.numel() * t.element_size() for t in parameters if getattr(t, "requires_grad", True)))
 
 
 def assumption_lines(

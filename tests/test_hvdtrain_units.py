@@ -520,7 +520,7 @@ def test_lr_scaling_rules():
     assert scale_lr(0.1, "none", 64) == 0.1
     with pytest.raises(ValueError, match="unknown lr rule"):
         scale_lr(0.1, "log", 2)
-    with pytest.raises(ValueError, match=">= 1"):
+    with pytest.raises(ValueError, match="> 0"):
         scale_lr(0.1, "linear", 0)
 
 

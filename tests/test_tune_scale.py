@@ -12,7 +12,7 @@ from classification.config import ClassifierConfig
 from hvdtrain import parse_config
 from hvdtrain.schedule import scale_lr
 from jobs.scale import main as scale_main
-from tuning.scale import Reference, ScaleError, lr_factor, plan_for
+from tuning.transfer import Reference, ScaleError, lr_factor, plan_for
 
 REF = Reference(gpus=1, batch_size_per_gpu=4, accum=1, lr=1e-3, lr_rule="linear", warmup_epochs=1.0, epochs=30)
 

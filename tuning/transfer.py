@@ -38,16 +38,12 @@ class ScaleError(ValueError):
 
 
 def lr_factor(rule: str, k: float) -> float:
-    """LR multiplier for a global batch `k` times the tuned one."""
-    if rule == "linear":
-        return k
-    if rule == "sqrt":
-        return math.sqrt(k)
-    if rule == "none":
-        return 1.0
+    """LR multiplier for a global batch `k` times the tuned one (`hvdtrain.schedule.scale_lr`'s rules)."""
     if rule == "table":
         raise ScaleError("the table rule gives the LR from its rows, not as a factor: pass the table to plan_for")
-    raise ScaleError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
+    if rule not in RULES:
+        raise ScaleError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
+    return scale_lr(1.0, rule, k)
 
 
 def _sig(x: float) -> float:
