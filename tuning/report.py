@@ -19,6 +19,8 @@ import yaml
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
+from .errors import TuningError
+
 __all__ = ["ReportError", "state_counts", "summary_line", "best_config", "write_best", "write_plots", "write_report"]
 
 PLOTS = {
@@ -29,7 +31,7 @@ PLOTS = {
 }
 
 
-class ReportError(ValueError):
+class ReportError(TuningError):
     """A study that cannot be reported yet (no such study, no complete trial)."""
 
 

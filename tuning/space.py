@@ -25,6 +25,8 @@ from typing import Any
 import optuna
 import yaml
 
+from .errors import TuningError
+
 __all__ = [
     "SpaceError",
     "Param",
@@ -70,7 +72,7 @@ DEFAULT_SPACES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-class SpaceError(ValueError):
+class SpaceError(TuningError):
     """A search space that cannot be used; the message names the source and the parameter."""
 
 

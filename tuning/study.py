@@ -35,6 +35,8 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from .errors import TuningError
+
 __all__ = [
     "SAMPLERS",
     "PRUNERS",
@@ -60,7 +62,7 @@ PRUNERS = ("median", "sha", "hyperband", "none")
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
-class StudyError(ValueError):
+class StudyError(TuningError):
     """A storage, study or worker set-up that cannot be used; the message says which and why."""
 
 

@@ -28,12 +28,14 @@ from typing import Any
 from hvdtrain.batching import BatchingError, LRRow, lr_table_row, parse_lr_table, split_global_batch
 from hvdtrain.schedule import scale_lr
 
+from .errors import TuningError
+
 __all__ = ["RULES", "ScaleError", "Reference", "Plan", "lr_factor", "plan_for"]
 
 RULES = ("linear", "sqrt", "none", "table")
 
 
-class ScaleError(ValueError):
+class ScaleError(TuningError):
     """A GPU count the tuned recipe cannot be carried to; the message says why and what to do."""
 
 
