@@ -197,13 +197,12 @@ def build_run(
     if cfg.mask_weight > 0 and cache is None:
         raise ValueError("--mask-weight needs --cache (the masks come from the image cache)")
     train_ds, val_ds = fold_datasets(index, fold, cfg.image_size, cfg.resize_size or None, cfg.augment, cache, cfg)
-    micro = cfg.accum * cfg.simulate_gpus
     train = data.train_loader(
         train_ds,
         cfg.batch_size_per_gpu,
         cfg.seed,
         cfg.num_workers,
-        micro_per_step=micro,
+        micro_per_step=cfg.micro_per_step,
         simulate_gpus=cfg.simulate_gpus,
     )
     val = data.eval_loader(val_ds, cfg.eval_batch_size, cfg.num_workers)

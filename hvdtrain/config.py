@@ -73,6 +73,11 @@ class TrainConfig:
     preempt_at_step: int = arg(0, "act as if the preemption signal came at this optimizer step (tests, drills)")
     stall_timeout: float = arg(900.0, "exit 75 when no step or evaluation completes for this many seconds (0: off)")
 
+    @property
+    def micro_per_step(self) -> int:
+        """Micro-batches per optimizer step on a rank: accumulation x simulated GPUs."""
+        return self.accum * self.simulate_gpus
+
 
 def _base_type(tp: Any) -> Any:
     """int | None -> int; keeps list[...] / tuple[...]."""

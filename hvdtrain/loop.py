@@ -119,7 +119,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train until the loader is exhausted or a preemption is requested; returns local sums and timings."""
     model.train()
-    micro, rank = cfg.accum * cfg.simulate_gpus, dist.info().rank
+    micro, rank = cfg.micro_per_step, dist.info().rank
     amp_dtype = autocast_dtype(cfg.amp, device)
     sums = _EpochSums(device, schedule.lr_at(state.step))
     bar = tqdm(
@@ -291,7 +291,7 @@ class _Shape:
 
 def _shape(cfg: TrainConfig, train_loader) -> _Shape:
     d = dist.info()
-    micro, gpus = cfg.accum * cfg.simulate_gpus, d.size * cfg.simulate_gpus
+    micro, gpus = cfg.micro_per_step, d.size * cfg.simulate_gpus
     global_batch = batching.check(cfg, d.size)
     # hvd: LR scaled in GPUs x accumulation (weak scaling); not for a fixed --global-batch, nor for Adasum.
     peak_lr = batching.peak_lr(cfg, gpus)

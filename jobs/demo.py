@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
         make_blobs(cfg.n_train, seed=cfg.seed),
         cfg.batch_size_per_gpu,
         cfg.seed,
-        micro_per_step=cfg.accum * cfg.simulate_gpus,
+        micro_per_step=cfg.micro_per_step,
         simulate_gpus=cfg.simulate_gpus,
     )
     val = data.eval_loader(make_blobs(cfg.n_val, seed=cfg.seed + 1), 64)

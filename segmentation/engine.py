@@ -44,6 +44,7 @@ from .postprocess import postprocess_mask
 from .preprocess import (
     CachedCase,
     PreprocessParams,
+    air_value,
     invert_to_original,
     preprocess_arrays,
     preprocess_dataset,
@@ -179,7 +180,7 @@ def prepare_data(cfg: UNetConfig, progress: bool | None = None) -> tuple[list[Ca
 
 def patch_dataset(cfg: UNetConfig, cases: Sequence[CachedCase]) -> PatchDataset:
     augment = Augment(enabled=cfg.augment, intensity_scale=cfg.intensity_scale, intensity_shift=cfg.intensity_shift)
-    pad = 0.0 if cfg.normalize == "minmax" else None  # air: 0 after min-max; each volume's minimum after z-score
+    pad = air_value(cfg.normalize)  # None after z-score: each volume's own minimum
     return PatchDataset(
         cases, cfg.patch_size, cfg.samples_per_volume, cfg.fg_share, augment, cfg.seed, pad, cfg.small_volume
     )
@@ -226,7 +227,7 @@ def make_eval_fn(cfg: UNetConfig) -> Callable[[nn.Module, Any, torch.device, Dic
     def eval_fn(model: nn.Module, batch: Any, device: torch.device, metric: DiceMetric) -> None:
         images, labels, case_ids = batch
         for image, label, case_id in zip(images, labels, case_ids):
-            pad = 0.0 if cfg.normalize == "minmax" else float(image.min())  # air outside the volume
+            pad = air_value(cfg.normalize, image)  # air outside the volume
             prob = predict_probabilities(
                 model,
                 image,
@@ -246,13 +247,12 @@ def make_eval_fn(cfg: UNetConfig) -> Callable[[nn.Module, Any, torch.device, Dic
 def build_run(cfg: UNetConfig, train_cases: Sequence[CachedCase], val_cases: Sequence[CachedCase]) -> Run:
     """The U-Net's run for `hvdtrain.fit`, shared by `jobs.train_unet` and `jobs.tune` (every rank builds it)."""
     cfg = batching.resolve(cfg, dist.info().size)  # --global-batch: per-GPU batch and accumulation for this size
-    micro = cfg.accum * cfg.simulate_gpus
     train = data.train_loader(
         patch_dataset(cfg, train_cases),
         cfg.batch_size_per_gpu,
         cfg.seed,
         cfg.num_workers,
-        micro_per_step=micro,
+        micro_per_step=cfg.micro_per_step,
         simulate_gpus=cfg.simulate_gpus,
     )
     val = data.eval_loader(VolumeDataset(val_cases), 1, cfg.num_workers)
@@ -289,7 +289,7 @@ class Predictor:
     def probabilities(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
         """Foreground probability on the original grid of `image` (voxels as stored, with its affine)."""
         img, _, geometry = preprocess_arrays(image, affine, None, self.params)
-        pad = 0.0 if self.params.normalize == "minmax" else float(img.min())  # air
+        pad = air_value(self.params.normalize, img)
         prob = predict_probabilities(
             self.model,
             img,

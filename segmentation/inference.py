@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = ["gaussian_importance", "window_starts", "sliding_window_inference", "predict_probabilities"]
 
-Predictor = Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]]
+ModelFn = Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]]  # a network's forward
 
 
 def gaussian_importance(
@@ -47,7 +47,7 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
 def sliding_window_inference(
     inputs: torch.Tensor,
     roi_size: Sequence[int],
-    predictor: Predictor,
+    predictor: ModelFn,
     overlap: float = 0.5,
     sw_batch_size: int = 4,
     mode: str = "gaussian",

@@ -37,6 +37,7 @@ __all__ = [
     "target_shape",
     "resample",
     "normalize",
+    "air_value",
     "preprocess_arrays",
     "preprocess_dataset",
     "invert_to_original",
@@ -126,6 +127,14 @@ def normalize(data: np.ndarray, window: Sequence[float], mode: str = "minmax") -
     if mode == "zscore":
         return (x - x.mean()) / max(float(x.std()), 1e-6)
     raise ValueError(f"normalize must be 'minmax' or 'zscore', got {mode!r}")
+
+
+def air_value(normalize_mode: str, image: np.ndarray | None = None) -> float | None:
+    """The image value of air, used to pad outside a volume: 0 after min-max; after z-score each volume's minimum
+    (None when no image is given: the caller takes each volume's own)."""
+    if normalize_mode == "minmax":
+        return 0.0
+    return None if image is None else float(image.min())
 
 
 def preprocess_arrays(
