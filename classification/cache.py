@@ -152,19 +152,14 @@ def prepare_cache(samples: Sequence[Sample], folder: str | Path, side: int) -> I
     Every rank raises the same error when rank 0 cannot build it (no rank waits forever).
     """
     folder = Path(folder)
-    outcome: Exception | str | None = None
-    if dist.is_main():
-        try:
-            if _read_stamp(folder) == source_stamp(samples, side):
-                outcome = "reused"
-            else:
-                build_cache(samples, folder, side)
-                outcome = "built"
-        except (OSError, DataError) as e:
-            outcome = e
-    outcome = dist.broadcast_object(outcome)  # the others wait here until the files are in place
-    if isinstance(outcome, Exception):
-        raise outcome
+
+    def build() -> str:
+        if _read_stamp(folder) == source_stamp(samples, side):
+            return "reused"
+        build_cache(samples, folder, side)
+        return "built"
+
+    outcome = dist.on_main_then_broadcast(build, (OSError, DataError))  # the others wait until the files are in place
     dist.print0(f"image cache {folder}: {outcome} ({len(samples)} images, {side} px)")
     return ImageCache(folder)
 

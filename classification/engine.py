@@ -197,14 +197,7 @@ def build_run(
     if cfg.mask_weight > 0 and cache is None:
         raise ValueError("--mask-weight needs --cache (the masks come from the image cache)")
     train_ds, val_ds = fold_datasets(index, fold, cfg.image_size, cfg.resize_size or None, cfg.augment, cache, cfg)
-    train = data.train_loader(
-        train_ds,
-        cfg.batch_size_per_gpu,
-        cfg.seed,
-        cfg.num_workers,
-        micro_per_step=cfg.micro_per_step,
-        simulate_gpus=cfg.simulate_gpus,
-    )
+    train = data.train_loader_for(train_ds, cfg)
     val = data.eval_loader(val_ds, cfg.eval_batch_size, cfg.num_workers)
     seeding.seed_init(cfg.seed)  # the same initial weights on every rank (trials compare fairly); training reseeds
     net = build_model(cfg.model, len(names), cfg.dropout)

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import dist
 
-__all__ = ["ShardedTrainSampler", "EvalShardSampler", "train_loader", "eval_loader", "set_epoch"]
+__all__ = ["ShardedTrainSampler", "EvalShardSampler", "train_loader", "train_loader_for", "eval_loader", "set_epoch"]
 
 
 class ShardedTrainSampler(Sampler[int]):
@@ -135,6 +135,20 @@ def train_loader(
         len(dataset), batch_size_per_gpu, d.rank, d.size, seed, shuffle, micro_per_step, simulate_gpus
     )
     return _loader(dataset, sampler, batch_size_per_gpu, num_workers, collate_fn)
+
+
+def train_loader_for(dataset: Dataset, cfg: Any, collate_fn: Callable | None = None) -> DataLoader:
+    """The training loader a `TrainConfig` asks for: its per-GPU batch, seed, workers, and whole optimizer steps of
+    `cfg.micro_per_step` micro-batches in the simulated GPUs' order."""
+    return train_loader(
+        dataset,
+        cfg.batch_size_per_gpu,
+        cfg.seed,
+        cfg.num_workers,
+        collate_fn,
+        micro_per_step=cfg.micro_per_step,
+        simulate_gpus=cfg.simulate_gpus,
+    )
 
 
 def eval_loader(

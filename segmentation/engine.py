@@ -247,14 +247,7 @@ def make_eval_fn(cfg: UNetConfig) -> Callable[[nn.Module, Any, torch.device, Dic
 def build_run(cfg: UNetConfig, train_cases: Sequence[CachedCase], val_cases: Sequence[CachedCase]) -> Run:
     """The U-Net's run for `hvdtrain.fit`, shared by `jobs.train_unet` and `jobs.tune` (every rank builds it)."""
     cfg = batching.resolve(cfg, dist.info().size)  # --global-batch: per-GPU batch and accumulation for this size
-    train = data.train_loader(
-        patch_dataset(cfg, train_cases),
-        cfg.batch_size_per_gpu,
-        cfg.seed,
-        cfg.num_workers,
-        micro_per_step=cfg.micro_per_step,
-        simulate_gpus=cfg.simulate_gpus,
-    )
+    train = data.train_loader_for(patch_dataset(cfg, train_cases), cfg)
     val = data.eval_loader(VolumeDataset(val_cases), 1, cfg.num_workers)
     seeding.seed_init(cfg.seed)  # the same initial weights on every rank (trials compare fairly); training reseeds
     model = build_model(model_kwargs(cfg))
