@@ -1,42 +1,52 @@
-"""Dice against GPU count for the large-batch recipe: simulated 1-64 GPUs and real Horovod ranks, then the report.
+"""Dice against GPU count on real LIDC nodules, weak and strong scaling: simulated 1-64 GPUs, real ranks, the report.
 
-    python -m jobs.bench_scaling                       # the issue-6 bar, 20-40 min on 2 CPU cores
-    python -m jobs.bench_scaling --quick               # smoke run: 1, 2, 4 GPUs, 2 epochs (under a minute)
-    python -m jobs.bench_scaling --gpus 1,8,64 --jobs 1 --out runs/bench_scaling-try
+    python -m jobs.bench_scaling                       # the issue-12 bar, both modes, 16 runs (40-60 min, 2 cores)
+    python -m jobs.bench_scaling --quick               # smoke run: 1, 2, 4 GPUs, 1 epoch, 40 crops (about 1 min)
+    python -m jobs.bench_scaling --quick --data phantoms   # the same on small phantoms (what the tests run)
+    python -m jobs.bench_scaling --modes strong --gpus 1,8,64 --out runs/bench_scaling-try
 
-On small phantoms (`jobs.make_phantoms --preset demo`, 16 training / 8 validation volumes of 48x48x32) it runs the
-real trainer, `python -m jobs.train_unet --config jobs/configs/unet_bench_scaling.yaml`, once per GPU count with
-`--simulate-gpus N` (one process, N x gradient accumulation: the N-GPU global batch, LR and number of updates), and
-for real under `horovodrun -np R` (jobs._launch) for the rank counts of `--real-ranks` (default 1 and 2). The 1-GPU
-point is the real 1-rank run (simulating one GPU is that same run). Everything but the GPU count comes from the preset.
-Then `python -m jobs.scaling_report` writes the table and plots (OUT/report) with the `study_p100_edr` prediction,
-and this job prints its own table: GPUs, mode, global batch, updates, best validation Dice, Dice relative to
-1 GPU, wall time, and whether the bar is met: every simulated count keeps >= 98% of the 1-GPU best Dice.
+Data: `../shared/data/lidc_voi_dev` (809 CT crops of 441 patients), a SUBSET of `--cases` (default 200) crops: whole
+patients drawn in a seeded order (`--subset-seed`, default 0) until 200 crops are in, written as a Decathlon list
+(OUT/data/dataset.json, absolute paths into the read-only data folder; no image is copied). The trainer splits it by
+patient (`split_group`, 20% validation: 160 training / 40 validation crops of the default subset), resamples it to
+0.7 x 0.7 x 1.25 mm, pads crops smaller than the patch, and caches the preprocessed arrays under OUT/cache.
 
-The recipe (see the preset) keeps a FIXED number of EPOCHS, so 64 GPUs see the same data in 1/64 of the updates
-(320 of batch 128 against 20480 of batch 2): the budget under which the source study kept only 85% of its Dice at
-64 GPUs, and the one that buys the speedup (a fixed number of updates would make 64 GPUs train 64x the data). AdamW
-with the LR scaled by sqrt(GPUs) (Adam's square-root rule), a 5-epoch warmup from the 1-GPU LR and a cosine decay
-to 0 make those few large steps count. Tried at 64 GPUs over 100 epochs (best Dice; ~0.92-0.94 at 1 GPU):
-LAMB 0.003-0.005 sqrt 0.85-0.87; AdamW 0.002 sqrt (peak 0.016) 0.88; AdamW 0.004 sqrt or 0.0005 linear (peak
-0.032) 0.90; a higher peak (AdamW 0.064; LAMB 0.08-0.128, at 24x24x16 patches) or Dice without BCE was less
-stable and lower. 160 epochs then took 64 GPUs to the 1-GPU Dice.
+Model and recipe (`jobs/configs/unet_bench_scaling.yaml`, weak; `unet_bench_scaling_strong.yaml`, strong; they
+differ only in the batch, LR and warmup keys, a test checks it): a 3D U-Net of 4 features and 2 downsamplings
+(21,437 parameters), instance norm, 24 x 24 x 8 patches (6 per crop per epoch: 960 per epoch, half centred on
+the nodule), per-sample Dice + BCE (`batch_dice: false`: the loss of a micro-batch is a mean over its samples, so N
+simulated GPUs on one process compute exactly the gradient of N real ranks), flips/rotations/intensity
+augmentation, AdamW, cosine decay, centre-component post-processing, validation (mean Dice over the 40 validation
+crops, sliding window) every 2 epochs, 16 EPOCHS in both modes at every GPU count (the same data):
 
-Measured (2 shared CPU cores, `python -m jobs.bench_scaling`, 18.6 min; the same figures in 38.5 min on a slower
-day): best Dice 0.919 at 1 GPU (real),
-0.942 on 2 real ranks, 0.940 / 0.942 / 0.934 / 0.934 / 0.928 / 0.917 simulated at 2 / 4 / 8 / 16 / 32 / 64 GPUs:
-99.7% of 1 GPU at 64 (seed 1: 0.936 at 1 GPU, 0.938 at 64). The 2 real ranks took 2.05 s per epoch against 1.16 s
-for one: with ~10 ms of compute per step, Gloo's allreduces (gradients, the global-batch Dice, the preemption flag)
-cost more than the second core gives on this machine.
+- weak (`--modes weak`): 2 patches per GPU, the global batch grows with N (2 -> 128 at 64 GPUs), the LR follows the
+  square-root rule from 0.008 at 1 GPU (0.064 at 64) after a 2-epoch warmup: 7680 updates at 1 GPU, 112 at 64 (the
+  regime in which the source study lost Dice);
+- strong (`--modes strong`): `--global-batch 64` at every N (passed to the trainer; the per-GPU batch, at most 2,
+  and the accumulation derive from N: 2 x 32 micro-batches at 1 GPU, 2 x 1 at 32, 1 x 1 at 64), LR 0.02, not
+  scaled: 240 updates and the same optimisation at every GPU count; only the time changes.
 
-Simulated runs are not timed as N GPUs (their wall time is N GPUs' work on one process); they run `--jobs` at a
-time with one thread each, while the real runs run alone so that their epoch times are measurements.
+Runs: `python -m jobs.train_unet --config RECIPE` once per GPU count with `--simulate-gpus N` (one process, N
+accumulated micro-batches: the N-GPU global batch, LR and number of updates), and for real under `horovodrun -np R`
+(jobs._launch) for the rank counts of `--real-ranks` (default 1 and 2), per mode. The 1-GPU point is the real
+1-rank run. The real runs go first and alone, so that their epoch times are measurements; the simulated runs then
+run `--jobs` at a time with one thread each (their wall time is N GPUs' work on one process, not a time).
+`python -m jobs.scaling_report` then writes the table and plots (OUT/report, weak and strong curves) with the
+`study_p100_edr` prediction and the CPU model's out-of-sample check, and this job prints its own table and the bar,
+per mode: the best validation Dice at the largest simulated GPU count (64) keeps >= 98% of the 1-GPU best.
+
+`--data phantoms` runs the same on generated phantoms (`jobs.make_phantoms --preset demo`, 16 training / 8
+validation volumes of 48x48x32, 16 x 16 x 16 patches; recipes `unet_bench_scaling_phantoms*.yaml`), which every
+recipe solves; `--data PATH` takes any Decathlon folder with the LIDC recipes. Earlier figures, on those phantoms
+in weak scaling only and with the global-batch Dice (issue 6; 160 epochs, 18.6 min): best Dice 0.919 at 1 GPU,
+0.917 at 64 simulated GPUs (99.7%); they say little about real data, which is why the default is now LIDC.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -45,15 +55,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from jobs._launch import child_env, horovodrun_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "jobs" / "configs" / "unet_bench_scaling.yaml"
-BAR = 0.98  # issue 6: every simulated GPU count keeps >= 98% of the 1-GPU best validation Dice
+CONFIGS = ROOT / "jobs" / "configs"
+LIDC = ROOT.parent / "shared" / "data" / "lidc_voi_dev"
+RECIPES = {
+    ("lidc", "weak"): CONFIGS / "unet_bench_scaling.yaml",
+    ("lidc", "strong"): CONFIGS / "unet_bench_scaling_strong.yaml",
+    ("phantoms", "weak"): CONFIGS / "unet_bench_scaling_phantoms.yaml",
+    ("phantoms", "strong"): CONFIGS / "unet_bench_scaling_phantoms_strong.yaml",
+}
+MODES = ("weak", "strong")
+BAR = 0.98  # issue 12: the largest simulated GPU count keeps >= 98% of the 1-GPU best validation Dice, per mode
+PATIENT = r"^(LIDC-IDRI-\d+)_R_"  # the recipes' split_group: a patient's crops stay on one side
+CASES, QUICK_CASES = 200, 40
 PHANTOMS = ["--preset", "demo", "--n-train", "16", "--n-val", "8", "--n-test", "0", "--shape", "48", "48", "32"]
-QUICK_GPUS, QUICK_EPOCHS = "1,2,4", 2
+QUICK_PHANTOMS = ["--preset", "demo", "--n-train", "8", "--n-val", "4", "--n-test", "0", "--shape", "48", "48", "32"]
+QUICK_GPUS, QUICK_EPOCHS = "1,2,4", 1
 
 
 class BenchError(RuntimeError):
@@ -62,10 +84,11 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Run:
-    """One trainer run: `ranks` Horovod processes, each standing in for `simulate` GPUs."""
+    """One trainer run: `ranks` Horovod processes, each standing in for `simulate` GPUs, in one scaling mode."""
 
     ranks: int
     simulate: int
+    scaling: str = "weak"
 
     @property
     def gpus(self) -> int:
@@ -77,29 +100,84 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.mode}-{self.gpus:02d}gpu"
+        return f"{self.scaling}-{self.mode}-{self.gpus:02d}gpu"
 
 
-def plan(gpus: list[int], real_ranks: list[int]) -> list[Run]:
-    """Real runs first (the 1-rank one is the baseline), then one simulated run per GPU count above 1."""
-    real = [Run(r, 1) for r in sorted(set(real_ranks) | {1})]
-    return real + [Run(1, g) for g in sorted(set(gpus)) if g > 1]
+def plan(gpus: list[int], real_ranks: list[int], modes: tuple[str, ...] = ("weak",)) -> list[Run]:
+    """Per mode: real runs first (the 1-rank one is the baseline), then one simulated run per GPU count above 1."""
+    runs = []
+    for scaling in modes:
+        if scaling not in MODES:
+            raise BenchError(f"unknown scaling mode {scaling!r}: choose from {', '.join(MODES)}")
+        runs += [Run(r, 1, scaling) for r in sorted(set(real_ranks) | {1})]
+        runs += [Run(1, g, scaling) for g in sorted(set(gpus)) if g > 1]
+    return runs
 
 
-def check_batches(runs: list[Run], preset: dict, n_train: int) -> None:
-    """Every run needs at least one optimizer step per epoch (the sampler drops the ragged tail).
+def global_batch(run: Run, preset: dict) -> int:
+    """The run's global batch: the preset's fixed one (strong), else per-GPU batch x GPUs (weak)."""
+    if run.scaling == "strong":
+        return int(preset["global_batch"])
+    return int(preset["batch_size_per_gpu"]) * run.gpus
+
+
+def check_batches(runs: list[Run], presets: dict[str, dict], n_train: int) -> None:
+    """Every run needs at least one optimizer step per epoch (the sampler drops the ragged tail), and a strong-mode
+    global batch must split evenly over every GPU count.
 
     Raises:
-        BenchError: the largest global batch exceeds the patches of one epoch.
+        BenchError: a global batch exceeds the patches of one epoch, or does not divide over a run's GPUs.
     """
-    patches = preset["samples_per_volume"] * n_train
     for run in runs:
-        global_batch = preset["batch_size_per_gpu"] * run.gpus
-        if global_batch > patches:
+        preset = presets[run.scaling]
+        patches = preset["samples_per_volume"] * n_train
+        g = global_batch(run, preset)
+        if run.scaling == "strong" and g % run.gpus:
+            raise BenchError(f"strong scaling: global batch {g} does not divide over {run.gpus} GPUs")
+        if g > patches:
+            what = "global batch" if run.scaling == "strong" else f"{run.gpus} GPUs x {preset['batch_size_per_gpu']}"
             raise BenchError(
-                f"{run.gpus} GPUs x {preset['batch_size_per_gpu']} patches = global batch {global_batch} is more than "
-                f"the {patches} patches of an epoch ({preset['samples_per_volume']} per volume x {n_train} volumes)"
+                f"{what} = global batch {g} is more than the {patches} patches of an epoch "
+                f"({preset['samples_per_volume']} per volume x {n_train} volumes)"
             )
+
+
+def lidc_subset(src: Path, n_cases: int, seed: int, out: Path) -> list[str]:
+    """Write OUT/dataset.json listing whole patients of `src` (drawn in a seeded order) until `n_cases` crops.
+
+    Returns the case ids, in the source's order. Paths are absolute: the images stay where they are.
+
+    Raises:
+        BenchError: `src` has no dataset.json, or fewer than `n_cases` crops.
+    """
+    meta_path = src / "dataset.json"
+    if not meta_path.is_file():
+        raise BenchError(f"{src} is no Decathlon dataset (no dataset.json): pass --data phantoms or a dataset folder")
+    entries = json.loads(meta_path.read_text())["training"]
+    if n_cases > len(entries):
+        raise BenchError(f"--cases {n_cases}: {src} has only {len(entries)} crops")
+    patient = [_patient(e["image"]) for e in entries]
+    names = sorted(set(patient))
+    chosen: set[str] = set()
+    taken = 0
+    for i in np.random.default_rng(seed).permutation(len(names)):
+        if taken >= n_cases:
+            break
+        chosen.add(names[i])
+        taken += patient.count(names[i])
+    keep = [e for e, p in zip(entries, patient) if p in chosen]
+    training = [{k: str((src / v).resolve()) for k, v in e.items()} for e in keep]
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"name": f"{len(keep)}-crop subset of {src} ({len(chosen)} patients, seed {seed})", "training": training}
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return [Path(e["image"]).name.split(".")[0] for e in keep]
+
+
+def _patient(image: str) -> str:
+    m = re.search(PATIENT, Path(image).name)
+    if m is None:
+        raise BenchError(f"case {image!r} is not named LIDC-IDRI-<patient>_R_<nodule>")
+    return m.group(1)
 
 
 def _call(cmd: list[str], log: Path) -> float:
@@ -114,25 +192,35 @@ def _call(cmd: list[str], log: Path) -> float:
     return wall
 
 
-def train(run: Run, data: Path, out: Path, epochs: int | None) -> dict:
-    """One `jobs.train_unet` run; returns its figures (from summary.json) and wall time."""
-    run_dir = out / "runs" / run.name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a re-run of the same --out starts afresh (the trainer refuses old checkpoints)
-    cmd = [sys.executable, "-m", "jobs.train_unet", "--config", str(CONFIG), "--data", str(data)]
-    cmd += ["--run-dir", str(run_dir), "--simulate-gpus", str(run.simulate)]
+def command(
+    run: Run, recipe: Path, data: Path, run_dir: Path, cache: Path, epochs: int | None, strong_batch: int
+) -> list[str]:
+    """The trainer's command line for `run` (horovodrun for more than one rank)."""
+    cmd = [sys.executable, "-m", "jobs.train_unet", "--config", str(recipe), "--data", str(data)]
+    cmd += ["--cache-dir", str(cache), "--run-dir", str(run_dir), "--simulate-gpus", str(run.simulate)]
+    if run.scaling == "strong":
+        cmd += ["--global-batch", str(strong_batch)]
     if epochs is not None:
         cmd += ["--epochs", str(epochs)]
-    if run.ranks > 1:
-        cmd = horovodrun_cmd(run.ranks, cmd)
+    return horovodrun_cmd(run.ranks, cmd) if run.ranks > 1 else cmd
+
+
+def train(run: Run, cmd: list[str], run_dir: Path, out: Path) -> dict:
+    """One `jobs.train_unet` run; returns its figures (from summary.json) and wall time."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a re-run of the same --out starts afresh (the trainer refuses old checkpoints)
     wall = _call(cmd, out / "logs" / f"{run.name}.log")
     s = json.loads((run_dir / "summary.json").read_text())
     return {
+        "scaling": run.scaling,
         "gpus": run.gpus,
         "mode": run.mode,
         "ranks": run.ranks,
         "simulate": run.simulate,
         "global_batch": s["global_batch"],
+        "batch_size_per_gpu": s["batch_size_per_gpu"],
+        "accum": s["accum"],
+        "lr": s["lr"],
         "updates": s["steps_per_epoch"] * s["epochs"],
         "best_dice": s["best_metric"],
         "best_epoch": s["best_epoch"],
@@ -143,28 +231,32 @@ def train(run: Run, data: Path, out: Path, epochs: int | None) -> dict:
     }
 
 
-def add_relative(rows: list[dict]) -> float:
-    """Dice relative to the real 1-GPU run, in place; returns that baseline Dice."""
-    base = next(r["best_dice"] for r in rows if r["gpus"] == 1 and r["mode"] == "real")
-    for r in rows:
-        r["dice_rel"] = r["best_dice"] / base if base else float("nan")
-    return base
+def add_relative(rows: list[dict]) -> dict[str, float]:
+    """Dice relative to the real 1-GPU run of the same mode, in place; returns those baselines per mode."""
+    bases = {}
+    for scaling in dict.fromkeys(r.get("scaling", "weak") for r in rows):
+        mine = [r for r in rows if r.get("scaling", "weak") == scaling]
+        base = next(r["best_dice"] for r in mine if r["gpus"] == 1 and r["mode"] == "real")
+        for r in mine:
+            r["dice_rel"] = r["best_dice"] / base if base else float("nan")
+        bases[scaling] = base
+    return bases
 
 
-def verdict(rows: list[dict]) -> tuple[bool, str]:
-    """Whether every simulated count keeps BAR of the 1-GPU Dice, and a one-line account of it."""
-    sim = [r for r in rows if r["mode"] == "simulated"]
+def verdict(rows: list[dict], scaling: str = "weak") -> tuple[bool, str]:
+    """Whether the largest simulated GPU count of `scaling` keeps BAR of its 1-GPU Dice, and a one-line account."""
+    sim = [r for r in rows if r["mode"] == "simulated" and r.get("scaling", "weak") == scaling]
     if not sim:
-        return False, "no simulated runs: the bar cannot be judged"
+        return False, f"{scaling}: no simulated runs, the bar cannot be judged"
+    top = max(sim, key=lambda r: r["gpus"])
     worst = min(sim, key=lambda r: r["dice_rel"])
-    met = all(r["dice_rel"] >= BAR for r in sim)
-    failing = [str(r["gpus"]) for r in sim if r["dice_rel"] < BAR]
-    detail = f"lowest {worst['dice_rel']:.1%} at {worst['gpus']} GPUs"
-    return met, f"{'met' if met else 'NOT met'} ({detail}" + ("" if met else f"; below at {', '.join(failing)}") + ")"
+    met = top["dice_rel"] >= BAR
+    text = f"{scaling}: {'met' if met else 'NOT met'} ({top['dice_rel']:.1%} at {top['gpus']} GPUs"
+    return met, text + (f"; lowest {worst['dice_rel']:.1%} at {worst['gpus']} GPUs)" if worst is not top else ")")
 
 
 def model_check_lines(report_md: str) -> list[str]:
-    """The report's out-of-sample lines (the CPU model fitted on 1 rank, predicting the 2-rank epoch time)."""
+    """The report's out-of-sample lines (the CPU model fitted on 1 rank, predicting the 2-rank epoch times)."""
     return [ln.strip("*") for ln in report_md.splitlines() if ln.startswith("**out-of-sample error")]
 
 
@@ -180,14 +272,17 @@ def run_report(rows: list[dict], out: Path, predict: str) -> tuple[Path, list[st
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        f"{'GPUs':>4} | {'mode':<9} | {'ranks x sim':>11} | {'global batch':>12} | {'updates':>7} | "
-        f"{'best Dice':>9} | {'vs 1 GPU':>8} | {'s/epoch':>7} | {'wall s':>6}"
+        f"{'scaling':<7} | {'GPUs':>4} | {'mode':<9} | {'ranks x sim':>11} | {'batch x accum':>13} | "
+        f"{'global batch':>12} | {'peak LR':>7} | {'updates':>7} | {'best Dice':>9} | {'vs 1 GPU':>8} | "
+        f"{'s/epoch':>7} | {'wall s':>6}"
     )
     lines = [head, "-" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["gpus"], r["mode"] != "real")):
+    key = lambda r: (MODES.index(r["scaling"]), r["gpus"], r["mode"] != "real")  # noqa: E731
+    for r in sorted(rows, key=key):
         epoch = f"{r['epoch_s']:>7.2f}" if r["mode"] == "real" else f"{'—':>7}"  # a simulated epoch is no N-GPU time
         lines.append(
-            f"{r['gpus']:>4} | {r['mode']:<9} | {r['ranks']:>5} x {r['simulate']:<3} | {r['global_batch']:>12} | "
+            f"{r['scaling']:<7} | {r['gpus']:>4} | {r['mode']:<9} | {r['ranks']:>5} x {r['simulate']:<3} | "
+            f"{r['batch_size_per_gpu']:>5} x {r['accum']:<5} | {r['global_batch']:>12} | {r['lr']:>7.4f} | "
             f"{r['updates']:>7} | {r['best_dice']:>9.4f} | {r['dice_rel']:>7.1%} | {epoch} | {r['wall_s']:>6.0f}"
         )
     return "\n".join(lines)
@@ -196,86 +291,131 @@ def format_table(rows: list[dict]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.bench_scaling", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="output folder (default runs/bench_scaling-<time>)")
+    p.add_argument("--modes", default="weak,strong", help="scaling modes, comma-separated (default weak,strong)")
     p.add_argument("--gpus", help="simulated GPU counts (default 1,2,4,8,16,32,64; 1 is the real 1-rank run)")
     p.add_argument("--real-ranks", default="1,2", help="real horovodrun rank counts (default 1,2; 1 always runs)")
     p.add_argument(
-        "--epochs", type=int, help=f"epochs of every run (default: the preset's; {QUICK_EPOCHS} with --quick)"
+        "--epochs", type=int, help=f"epochs of every run (default: the recipes'; {QUICK_EPOCHS} with --quick)"
     )
-    p.add_argument("--quick", action="store_true", help=f"smoke run: GPUs {QUICK_GPUS}, {QUICK_EPOCHS} epochs")
-    p.add_argument("--data", type=Path, help="phantom dataset to use (default: made under OUT/data)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: GPUs {QUICK_GPUS}, {QUICK_EPOCHS} epoch, {QUICK_CASES} LIDC cases or 8 phantoms",
+    )
+    p.add_argument(
+        "--data",
+        default="lidc",
+        help="'lidc' (../shared/data/lidc_voi_dev, default), 'phantoms', or a Decathlon folder",
+    )
+    p.add_argument("--cases", type=int, help=f"LIDC crops in the subset, whole patients (default {CASES})")
+    p.add_argument("--subset-seed", type=int, default=0, help="seed of the patients' order for the subset (default 0)")
+    p.add_argument("--cache-dir", type=Path, help="preprocessed-array cache (default OUT/cache)")
+    p.add_argument("--global-batch", type=int, help="strong mode's fixed global batch (default: the strong recipe's)")
     p.add_argument("--jobs", type=int, default=2, help="simulated runs at a time, one thread each (default 2)")
     p.add_argument("--predict", default="study_p100_edr", help="profiles for the report's predicted rows")
     a = p.parse_args(argv)
     a.gpus = a.gpus or (QUICK_GPUS if a.quick else "1,2,4,8,16,32,64")
     a.epochs = a.epochs or (QUICK_EPOCHS if a.quick else None)
+    a.cases = a.cases or (QUICK_CASES if a.quick else CASES)
+    a.modes = tuple(m for m in a.modes.split(",") if m)
     a.out = (a.out or Path("runs") / f"bench_scaling-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    a.data = a.data.resolve() if a.data else None
+    a.cache_dir = (a.cache_dir or a.out / "cache").resolve()
     return a
+
+
+def prepare_data(a: argparse.Namespace) -> tuple[str, Path, str]:
+    """(recipe family, dataset folder for the trainer, a description of the data) for --data."""
+    data = a.out / "data"
+    if a.data == "phantoms":
+        if not (data / "dataset.json").is_file():
+            args = QUICK_PHANTOMS if a.quick else PHANTOMS
+            _call([sys.executable, "-m", "jobs.make_phantoms", str(data), *args], a.out / "logs" / "phantoms.log")
+        return "phantoms", data, f"phantoms ({' '.join(QUICK_PHANTOMS if a.quick else PHANTOMS)})"
+    src = LIDC if a.data == "lidc" else Path(a.data).resolve()
+    ids = lidc_subset(src, a.cases, a.subset_seed, data)
+    (a.out / "cases.txt").write_text("\n".join(ids) + "\n")
+    return "lidc", data, f"{len(ids)} crops of {src} (whole patients, seed {a.subset_seed}; list in OUT/cases.txt)"
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     t_start = time.perf_counter()
-    preset = yaml.safe_load(CONFIG.read_text())
-    runs = plan([int(g) for g in a.gpus.split(",") if g], [int(r) for r in a.real_ranks.split(",") if r])
     (a.out / "logs").mkdir(parents=True, exist_ok=True)
-    data = a.data
-    if data is None:
-        data = a.out / "data"
-        if not (data / "dataset.json").is_file():
-            _call([sys.executable, "-m", "jobs.make_phantoms", str(data), *PHANTOMS], a.out / "logs" / "phantoms.log")
+    runs = plan([int(g) for g in a.gpus.split(",") if g], [int(r) for r in a.real_ranks.split(",") if r], a.modes)
+    family, data, described = prepare_data(a)
+    recipes = {m: RECIPES[(family, m)] for m in a.modes}
+    presets = {m: yaml.safe_load(p.read_text()) for m, p in recipes.items()}
+    if "strong" in presets and a.global_batch:
+        presets["strong"] = {**presets["strong"], "global_batch": a.global_batch}
+    strong_batch = int(presets["strong"]["global_batch"]) if "strong" in presets else 0
     n_train = len(json.loads((data / "dataset.json").read_text())["training"])
-    check_batches(runs, preset, n_train)
-    epochs = a.epochs or preset["epochs"]
+    if family == "lidc":  # the trainer holds out val_fraction of the crops (whole patients): about this many train
+        n_train = round(n_train * (1 - presets[a.modes[0]].get("val_fraction", 0.2)))
+    check_batches(runs, presets, n_train)
+    epochs = a.epochs or presets[a.modes[0]]["epochs"]
+    p0 = presets[a.modes[0]]
     print(
-        f"bench_scaling: {len(runs)} runs ({', '.join(r.name for r in runs)}), {epochs} epochs of "
-        f"{preset['samples_per_volume'] * n_train} patches each, recipe {CONFIG.relative_to(ROOT)}; output {a.out}",
+        f"bench_scaling: {len(runs)} runs ({', '.join(r.name for r in runs)}); data: {described}; model: U-Net "
+        f"features {p0['features']}, depth {p0['depth']}, {p0['norm']} norm; patch {p0['patch_size']}, "
+        f"{p0['samples_per_volume']} per case per epoch, {epochs} epochs; recipes "
+        f"{', '.join(str(p.relative_to(ROOT)) for p in recipes.values())}; output {a.out}",
         flush=True,
     )
     rows: list[dict] = []
 
+    def job(run: Run) -> dict:
+        run_dir = a.out / "runs" / run.name
+        return train(
+            run, command(run, recipes[run.scaling], data, run_dir, a.cache_dir, a.epochs, strong_batch), run_dir, a.out
+        )
+
     def record(row: dict) -> None:
         rows.append(row)
         print(
-            f"  [{len(rows)}/{len(runs)}] {row['mode']} {row['gpus']} GPU(s): best Dice {row['best_dice']:.4f} "
-            f"(epoch {row['best_epoch']}), {row['updates']} updates, {row['wall_s']:.0f} s",
+            f"  [{len(rows)}/{len(runs)}] {row['scaling']} {row['mode']} {row['gpus']} GPU(s): best Dice "
+            f"{row['best_dice']:.4f} (epoch {row['best_epoch']}), {row['updates']} updates, {row['wall_s']:.0f} s",
             flush=True,
         )
 
     for run in (r for r in runs if r.mode == "real"):  # alone: their epoch times are measurements
-        record(train(run, data, a.out, a.epochs))
+        record(job(run))
     pool = ThreadPoolExecutor(max_workers=max(1, a.jobs))
     try:
-        futures = [pool.submit(train, r, data, a.out, a.epochs) for r in runs if r.mode == "simulated"]
-        for f in futures:
+        # Largest counts first: they take longest (N micro-batches per step); the pool then fills in the rest.
+        sims = sorted((r for r in runs if r.mode == "simulated"), key=lambda r: -r.gpus)
+        for f in [pool.submit(job, r) for r in sims]:
             record(f.result())
     finally:
         pool.shutdown(cancel_futures=True)  # after a failed run, do not start the queued ones
-    base = add_relative(rows)
+    bases = add_relative(rows)
     report_dir, check = run_report(rows, a.out, a.predict)
-    met, how = verdict(rows)
+    verdicts = {m: verdict(rows, m) for m in a.modes}
     total = time.perf_counter() - t_start
     table = format_table(rows)
     summary = {
-        "recipe": str(CONFIG.relative_to(ROOT)),
+        "data": described,
+        "recipes": {m: str(p.relative_to(ROOT)) for m, p in recipes.items()},
         "epochs": epochs,
-        "baseline_dice": base,
+        "baseline_dice": bases,
         "bar": BAR,
-        "bar_met": met,
-        "verdict": how,
+        "bar_met": {m: v[0] for m, v in verdicts.items()},
+        "verdict": {m: v[1] for m, v in verdicts.items()},
         "total_s": total,
         "rows": rows,
         "model_check": check,
         "report": str(report_dir),
     }
     (a.out / "bench_scaling.json").write_text(json.dumps(summary, indent=1) + "\n")
-    md = f"```\n{table}\n```\n\nbar (simulated >= {BAR:.0%} of 1 GPU): {how}\n"
+    bar_lines = [f"bar (best Dice at the most simulated GPUs >= {BAR:.0%} of 1 GPU), {v[1]}" for v in verdicts.values()]
+    md = f"```\n{table}\n```\n\n" + "\n".join(f"- {ln}" for ln in bar_lines) + "\n"
     (a.out / "bench_scaling.md").write_text(md + "".join(f"\n{line}\n" for line in check))
     print(f"\n{table}\n")
-    print(f"bar: every simulated count keeps >= {BAR:.0%} of the 1-GPU best Dice ({base:.4f}): {how}")
+    for m, (_, how) in verdicts.items():
+        print(f"bar: the most simulated GPUs keep >= {BAR:.0%} of the 1-GPU best Dice ({bases[m]:.4f}), {how}")
     print("\n".join(f"model: {line}" for line in check))
     print(f"report: {report_dir}/scaling.md (+ scaling.csv, time_speedup.png, dice_relative.png)")
     print(f"total {total / 60:.1f} min; runs, logs and bench_scaling.json under {a.out}")
+    print("command: python -m jobs.bench_scaling " + " ".join(sys.argv[1:] if argv is None else argv))
     return summary
 
 

@@ -63,6 +63,11 @@ class RunRecord:
         return "simulated" if self.simulate_gpus > 1 else "real"
 
     @property
+    def scaling(self) -> str:
+        """'weak' (batch per GPU fixed) or 'strong' (a fixed --global-batch), as hvdtrain.loop.fit recorded it."""
+        return str(self.summary.get("scaling") or self.config.get("scaling") or "weak")
+
+    @property
     def steps_per_epoch(self) -> float | None:
         return self.samples_per_epoch / self.global_batch if self.samples_per_epoch else None
 

@@ -31,20 +31,28 @@ def make_run(
     batch: int = 2,
     samples: int = 64,
     grad_bytes: float | None = 4e6,
+    global_batch: int | None = None,
 ) -> Path:
-    """A run folder as hvdtrain.loop.fit writes it; val Dice rises linearly to `best` at the last epoch."""
+    """A run folder as hvdtrain.loop.fit writes it; val Dice rises linearly to `best` at the last epoch.
+
+    With `global_batch` it is a strong-scaling run: `batch` per GPU and the accumulation that makes up the rest.
+    """
     d = root / name
     d.mkdir(parents=True)
     gpus = world_size * simulate
-    gb = batch * gpus
+    gb = global_batch or batch * gpus
+    accum = gb // (batch * gpus)
+    scaling = "weak" if global_batch is None else "strong"
     config = {
         "batch_size_per_gpu": batch,
-        "accum": 1,
+        "accum": accum,
         "simulate_gpus": simulate,
         "world_size": world_size,
         "gpus": gpus,
         "global_batch": gb,
     }
+    if global_batch is not None:  # what the trainer records; older run folders have no "scaling"
+        config["scaling"] = scaling
     if grad_bytes is not None:
         config["grad_bytes"] = grad_bytes
     (d / "config.json").write_text(json.dumps(config))
@@ -69,7 +77,7 @@ def make_run(
         "simulate_gpus": simulate,
         "gpus": gpus,
         "batch_size_per_gpu": batch,
-        "accum": 1,
+        "accum": accum,
         "global_batch": gb,
         "epochs": epochs,
         "epoch_time_s": epoch_time,
@@ -78,6 +86,8 @@ def make_run(
         "best_metric": best,
         "best_epoch": epochs - 1,
     }
+    if global_batch is not None:
+        summary["scaling"] = scaling
     (d / "summary.json").write_text(json.dumps(summary))
     return d
 
@@ -281,3 +291,69 @@ def test_grad_bytes_from_checkpoint_skips_batchnorm_buffers(tmp_path: Path):
     torch.save({"model": net.state_dict(), "epoch": 1}, d / "checkpoints" / "last.pt")
     n_params = sum(p.numel() for p in net.parameters())
     assert grad_bytes_from_checkpoint(load_run(d)) == 4 * n_params
+
+
+STRONG_BEST = {1: 0.70, 2: 0.71, 16: 0.69, 64: 0.70}
+
+
+def _add_strong(root: Path) -> None:
+    """Strong-scaling runs of a global batch of 64 (2 per GPU at most): real 1 and 2 ranks, simulated 16 and 64."""
+    # 128 samples: 2 steps per epoch at every count; 2 x 32 micro-batches on 1 rank, 2 x 16 on each of 2.
+    kw = dict(global_batch=64, samples=128)
+    make_run(root, "strong_np1", 1, epoch_time=12.0, best=STRONG_BEST[1], **kw)
+    make_run(root, "strong_np2", 2, epoch_time=6.4, comm=0.4, best=STRONG_BEST[2], **kw)
+    make_run(root, "strong_sim16", 1, simulate=16, epoch_time=13.0, best=STRONG_BEST[16], **kw)
+    make_run(root, "strong_sim64", 1, simulate=64, epoch_time=14.0, best=STRONG_BEST[64], batch=1, **kw)
+
+
+def test_report_weak_and_strong(runs: Path, tmp_path: Path, capsys):
+    _add_strong(runs)
+    out = tmp_path / "both"
+    rep = make_report([runs], out, predict=["study_p100_edr"])
+    rows = _csv(out / "scaling.csv")
+    by = {(r["scaling"], r["kind"], int(r["gpus"])): r for r in rows}
+    # Each mode against its own 1-GPU run: Dice and speedup.
+    for g, best in STRONG_BEST.items():
+        kind = "real" if g <= 2 else "simulated"
+        assert float(by[("strong", kind, g)]["dice_rel"]) == pytest.approx(best / STRONG_BEST[1], rel=1e-5)
+        assert int(by[("strong", kind, g)]["global_batch"]) == 64
+    assert float(by[("weak", "simulated", 64)]["dice_rel"]) == pytest.approx(BEST[64] / BEST[1], rel=1e-5)
+    assert float(by[("strong", "real", 2)]["speedup"]) == pytest.approx(12.0 / 6.4, rel=1e-5)
+    assert rep.baseline_dice == pytest.approx(BEST[1])  # the first mode's (weak)
+    # Predictions in both modes: the strong one keeps the global batch of 64 at every count.
+    pred = [r for r in rep.rows if r["kind"] == "predicted"]
+    assert {r["scaling"] for r in pred} == {"weak", "strong"} and len(pred) == 14
+    assert {r["global_batch"] for r in pred if r["scaling"] == "strong"} == {64}
+    weak_pred = {r["gpus"]: r["global_batch"] for r in pred if r["scaling"] == "weak"}
+    assert weak_pred[64] == 2 * 64  # from the weak 1-GPU run's batch of 2, not the strong run's 2 x 32
+    assert "strong scaling: global batch 64 at every GPU count" in "\n".join(rep.assumptions)
+    # The model check: fitted on both 1-rank runs, each 2-rank run predicted out of sample under its own mode.
+    held_out = {pt["label"]: pt["scaling"] for pt in rep.calibration.points if not pt["in_sample"]}
+    assert held_out == {"real_np2": "weak", "strong_np2": "strong"}
+    md = (out / "scaling.md").read_text()
+    assert (
+        "(fit on 1 rank, predicting 2 ranks): " in md and "(fit on 1 rank, predicting 2 ranks, strong scaling): " in md
+    )
+    assert "| 64 | simulated | strong_sim64 | strong | 64 |" in md and "| 64 | simulated | sim_64 | weak | 128 |" in md
+    assert "3 weak scaling" not in md and "7 weak scaling, 4 strong scaling" in md
+    assert "predicted efficiency at 64 GPUs on study_p100_edr, strong scaling: " in md
+    for name in ("time_speedup.png", "dice_relative.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert "| 2 | real | strong_np2 | strong |" in capsys.readouterr().out
+
+
+def test_plot_series_per_mode_and_kind(runs: Path, tmp_path: Path):
+    """The Dice plot draws one curve per (mode, kind), each marked as real, simulated or predicted."""
+    from scaling import report
+
+    _add_strong(runs)
+    rep = make_report([runs], tmp_path / "s", predict=["study_p100_edr"], echo=None)
+    rel = report._series(rep.rows, "dice_rel")
+    assert set(rel) == {(k, k, m) for k in ("real", "simulated") for m in ("weak", "strong")}
+    times = report._series(rep.rows, "time_per_epoch_s")
+    assert ("predicted", "study_p100_edr", "strong") in times and ("real", "real", "strong") in times
+    styles = {key: report._style(key[0], key[2], 0) for key in [*rel, *times]}
+    assert styles[("real", "real", "weak")][0] == "o" and styles[("simulated", "simulated", "weak")][0] == "s"
+    assert styles[("predicted", "study_p100_edr", "weak")][0] == "^"
+    assert styles[("real", "real", "weak")][1] != styles[("real", "real", "strong")][1]  # colour = mode
+    assert report._name("predicted", "study_p100_edr", "strong") == "strong: predicted, study_p100_edr"
