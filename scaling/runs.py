@@ -20,6 +20,7 @@ __all__ = [
     "small_allreduces_per_step",
 ]
 
+# hvdtrain.RunPaths' names, spelled here so that reading run folders needs no torch (importing hvdtrain loads it).
 _RUN_FILES = ("summary.json", "metrics.jsonl", "config.json")
 _NOT_GRADIENTS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm buffers in the state dict
 
