@@ -25,11 +25,22 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LaunchSettings", "DEFAULT", "GLOO", "NAMED", "without", "child_env", "horovodrun_cmd", "main"]
+__all__ = [
+    "LaunchSettings",
+    "DEFAULT",
+    "GLOO",
+    "NAMED",
+    "without",
+    "child_env",
+    "horovodrun_cmd",
+    "run_together",
+    "main",
+]
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,19 @@ def child_env(settings: LaunchSettings | None = DEFAULT, **extra: str) -> dict[s
 def horovodrun_cmd(np_: int, argv: list[str], settings: LaunchSettings = DEFAULT) -> list[str]:
     """`horovodrun -np N --mpi|--gloo ARGV` (run it with `child_env(settings)`)."""
     return ["horovodrun", "-np", str(np_), f"--{settings.controller}", *argv]
+
+
+def run_together(cmd: list[str], n: int, what: str) -> list[float]:
+    """Start `n` copies of `cmd` at once (benchmark workers that each print one number last); their numbers.
+
+    Raises SystemExit naming `what` when a copy fails.
+    """
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True, env=child_env()) for _ in range(n)]
+    outs = [p.communicate(timeout=1800)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"{what}: a worker process failed: {outs}")
+    return [float(o.strip().splitlines()[-1]) for o in outs]
 
 
 def main(argv: list[str] | None = None) -> int:

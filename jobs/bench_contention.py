@@ -19,14 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from jobs._launch import child_env
+from jobs._launch import run_together
+from jobs.bench_unet import unet_step_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "jobs" / "configs" / "unet_bench_scaling.yaml"
@@ -36,36 +36,18 @@ def step_time(config: str | Path, steps: int, threads: int | None = None) -> flo
     """Seconds per training step of the preset's U-Net in this process (after 3 untimed steps)."""
     from hvdtrain import parse_config
     from segmentation.config import UNetConfig
-    from segmentation.engine import build_model, make_loss, model_kwargs
 
     cfg = parse_config(UNetConfig, ["--config", str(config)])
     torch.set_num_threads(threads or cfg.threads or 1)
     torch.manual_seed(0)
-    model = build_model(model_kwargs(cfg))
-    loss_fn = make_loss(cfg, reduce_fn=lambda t: t)  # one process: the global-batch sums are its own
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    x = torch.randn(cfg.batch_size_per_gpu, 1, *cfg.patch_size)
-    y = (torch.rand(cfg.batch_size_per_gpu, 1, *cfg.patch_size) > 0.9).float()
-    t0 = 0.0
-    for i in range(steps + 3):
-        if i == 3:
-            t0 = time.perf_counter()
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return (time.perf_counter() - t0) / steps
+    return unet_step_seconds(cfg, steps, warmup=3, lr=cfg.lr, foreground=0.1)
 
 
 def concurrent_step_times(n: int, config: str | Path, steps: int, threads: int | None) -> list[float]:
     """Seconds per step of each of `n` worker processes started together."""
     cmd = [sys.executable, "-m", "jobs.bench_contention", "--worker", "--config", str(config), "--steps", str(steps)]
     cmd += ["--threads", str(threads)] if threads else []
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=child_env()) for _ in range(n)]
-    outs = [p.communicate(timeout=1800)[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise SystemExit(f"bench_contention: a worker process failed: {outs}")
-    return [float(o.strip().splitlines()[-1]) for o in outs]
+    return run_together(cmd, n, "bench_contention")
 
 
 def contention_factor(alone: list[float], together: list[list[float]]) -> float:

@@ -26,50 +26,47 @@ from pathlib import Path
 import torch
 
 from hvdtrain.run import RunPaths
-from jobs._launch import DEFAULT, NAMED, child_env, horovodrun_cmd
+from jobs._launch import DEFAULT, NAMED, child_env, horovodrun_cmd, run_together
 
 CONFIG = "jobs/configs/unet_demo.yaml"
 
 
-def plain_step(patch: tuple[int, int, int], batch: int, steps: int, features: int, depth: int) -> float:
-    """Voxels/s of forward + Dice/BCE loss + backward + AdamW step in one process, one thread."""
-    from segmentation.config import UNetConfig
+def unet_step_seconds(cfg, steps: int, warmup: int, lr: float, foreground: float) -> float:
+    """Seconds per plain-PyTorch training step (forward, Dice/BCE loss, backward, AdamW) of `cfg`'s U-Net on random
+    patches of its patch size and per-GPU batch (`foreground` of the voxels labelled), after `warmup` untimed steps.
+    """
     from segmentation.engine import build_model, make_loss, model_kwargs
 
-    torch.set_num_threads(1)
-    cfg = UNetConfig(features=features, depth=depth, patch_size=patch, global_dice=False)
     model = build_model(model_kwargs(cfg))
-    loss_fn = make_loss(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(batch, 1, *patch)
-    y = (torch.rand(batch, 1, *patch) > 0.95).float()
-    for i in range(steps + 2):  # two warm-up steps
-        if i == 2:
+    loss_fn = make_loss(cfg)  # one process: a global-batch Dice's sums are its own
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    x = torch.randn(cfg.batch_size_per_gpu, 1, *cfg.patch_size)
+    y = (torch.rand(cfg.batch_size_per_gpu, 1, *cfg.patch_size) > 1 - foreground).float()
+    for i in range(steps + warmup):
+        if i == warmup:
             t0 = time.perf_counter()
         loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return steps * batch * math.prod(patch) / (time.perf_counter() - t0)
+    return (time.perf_counter() - t0) / steps
+
+
+def plain_step(patch: tuple[int, int, int], batch: int, steps: int, features: int, depth: int) -> float:
+    """Voxels/s of forward + Dice/BCE loss + backward + AdamW step in one process, one thread."""
+    from segmentation.config import UNetConfig
+
+    torch.set_num_threads(1)
+    cfg = UNetConfig(features=features, depth=depth, patch_size=patch, batch_size_per_gpu=batch, global_dice=False)
+    return batch * math.prod(patch) / unet_step_seconds(cfg, steps, warmup=2, lr=1e-3, foreground=0.05)
 
 
 def plain_processes(n: int, steps: int, demo: dict) -> list[float]:
     """Voxels/s of each of `n` plain-PyTorch processes started together (the control: no communication)."""
     args = ["--steps", str(steps), "--features", str(demo["features"]), "--depth", str(demo["depth"])]
     args += ["--patch", ",".join(map(str, demo["patch_size"])), "--batch", str(demo["batch_size_per_gpu"])]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "jobs.bench_unet", "--plain-worker", *args],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=child_env(),
-        )  # fmt: skip
-        for _ in range(n)
-    ]
-    outs = [p.communicate(timeout=1800)[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise SystemExit(f"bench_unet: a plain-PyTorch control process failed: {outs}")
-    return [float(o.strip().splitlines()[-1]) for o in outs]
+    cmd = [sys.executable, "-m", "jobs.bench_unet", "--plain-worker", *args]
+    return run_together(cmd, n, "bench_unet: a plain-PyTorch control")
 
 
 def run_trainer(ranks: int, data: Path, run_dir: Path, epochs: int, launch: str = "default") -> dict:
