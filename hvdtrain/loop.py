@@ -269,7 +269,8 @@ def evaluate_best(run: Run, cfg: TrainConfig, which: str = "best") -> tuple[dict
     Rank 0 reads the checkpoint and broadcasts it. Returns (the metric's values, the metric, the checkpoint), the
     checkpoint None when the run wrote none (the model's current weights are scored then).
     """
-    path = RunPaths(cfg.run_dir).best if which == "best" else RunPaths(cfg.run_dir).last
+    paths = RunPaths(cfg.run_dir)
+    path = {"best": paths.best, "last": paths.last}[which]
     ckpt = checkpoint.load_on_all_ranks(path if dist.is_main() and path.is_file() else None)
     if ckpt is not None:
         checkpoint.unwrap(run.model).load_state_dict(ckpt["model"])

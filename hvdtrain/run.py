@@ -43,45 +43,16 @@ class Run:
     mode: str = "max"
 
 
-@dataclass(frozen=True)
 class RunPaths:
     """The files of a run folder, written by rank 0 (see docs/CONTRACT.md)."""
 
-    root: Path
-
     def __init__(self, root: str | Path):
-        object.__setattr__(self, "root", Path(root))
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoints / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoints / "best.pt"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    @property
-    def requeue(self) -> Path:
-        """Left by a preempted run: the job script requeues itself when it finds it."""
-        return self.root / "REQUEUE"
-
-    @property
-    def stalled(self) -> Path:
-        """Left by the watchdog when a rank hung."""
-        return self.root / "STALLED"
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.last = self.checkpoints / "last.pt"
+        self.best = self.checkpoints / "best.pt"
+        self.config = self.root / "config.json"
+        self.metrics = self.root / "metrics.jsonl"
+        self.summary = self.root / "summary.json"
+        self.requeue = self.root / "REQUEUE"  # left by a preempted run: the job script requeues itself
+        self.stalled = self.root / "STALLED"  # left by the watchdog when a rank hung
