@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hvdtrain import Run, batching, data, dist, seeding, to_dict
+from hvdtrain import Run, SplitStep, batching, data, dist, seeding, to_dict
 
 from .augment import EvalPipeline, TrainPipeline, mix_batch
 from .cache import CachedDataset, ImageCache, prepare_cache
@@ -76,8 +76,8 @@ def mask_loss(mask_logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) 
 
 def make_step_fn(
     loss_fn: nn.Module, num_classes: int = 0, mixup: float = 0.0, cutmix: float = 0.0, mask_weight: float = 0.0
-) -> Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, int]]:
-    """`step_fn(model, batch, device) -> (local mean loss, batch size)` for `hvdtrain.fit`.
+) -> SplitStep:
+    """`step_fn(model, batch, device) -> (local mean loss, batch size)` for `hvdtrain.fit`, in two halves.
 
     With `mixup`/`cutmix` the batch is mixed (`classification.augment.mix_batch`) and the loss takes soft targets;
     with `mask_weight > 0` the batch's 4th element (masks) supervises the model's segmentation head.
@@ -85,7 +85,7 @@ def make_step_fn(
     if (mixup or cutmix) and num_classes < 2:
         raise ValueError("mixup/cutmix need num_classes")
 
-    def step_fn(model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
+    def prepare(batch: Any, device: torch.device):
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         masks = batch[3].to(device, non_blocking=True) if mask_weight > 0 else None
         loss_fn.to(device)  # moves the class-weight buffer once; a no-op afterwards
@@ -93,12 +93,17 @@ def make_step_fn(
         if mixup or cutmix:
             onehot = nn.functional.one_hot(labels, num_classes).float()
             images, targets, masks = mix_batch(images, onehot, masks, mixup, cutmix)
+        n = int(labels.shape[0])
         if masks is None:
-            return loss_fn(model(images).float(), targets), int(labels.shape[0])
-        logits, mask_logits = model(images, with_mask=True)
-        loss = loss_fn(logits.float(), targets) + mask_weight * mask_loss(mask_logits, masks)
-        return loss, int(labels.shape[0])
+            return images, {}, lambda logits: (loss_fn(logits.float(), targets), n)
 
+        def finish(out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+            logits, mask_logits = out
+            return loss_fn(logits.float(), targets) + mask_weight * mask_loss(mask_logits, masks), n
+
+        return images, {"with_mask": True}, finish
+
+    step_fn = SplitStep(prepare)
     return step_fn
 
 

@@ -3,7 +3,7 @@
 from . import batching, checkpoint, data, dist, metrics, schedule, seeding, syncbn
 from .config import TrainConfig, arg, parse_config, to_dict
 from .loop import evaluate, evaluate_best, fit, train_one_epoch
-from .run import Run, RunPaths
+from .run import Run, RunPaths, SplitStep
 
 __all__ = [
     "batching",
@@ -23,5 +23,6 @@ __all__ = [
     "fit",
     "Run",
     "RunPaths",
+    "SplitStep",
     "train_one_epoch",
 ]

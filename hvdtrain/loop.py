@@ -22,13 +22,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import batching, checkpoint, dist, fastpath, pooling, resume, seeding, syncbn, watchdog
+from . import batching, checkpoint, dist, fastpath, fused, pooling, resume, seeding, syncbn, watchdog
 from .atomic import write_text_atomic
 from .config import TrainConfig, to_dict
 from .data import set_epoch
 from .metrics import Metric
 from .optimizers import build_optimizer
-from .run import EvalFn, Run, RunPaths, StepFn
+from .run import EvalFn, Run, RunPaths, SplitStep, StepFn
 from .runlog import RunLog
 from .schedule import LRSchedule
 
@@ -119,16 +119,34 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train until the loader is exhausted or a preemption is requested; returns local sums and timings."""
     model.train()
+    micro = cfg.micro_per_step
+    sums = _EpochSums(device, schedule.lr_at(state.step))
+    batches, train_micro_batch = _micro_batches(model, loader, step_fn, state, cfg, device, scaler, sums)
+    bar = _progress_bar(len(loader), state, cfg)
+    preempted = after_epoch = False
+    t_data = time.perf_counter()
+    for i, batch in enumerate(batches):
+        sums.data_s += time.perf_counter() - t_data  # waiting for the loader: the input pipeline's share
+        counted = train_micro_batch(batch)
+        state.batch_in_epoch += counted
+        bar.update(counted)
+        if state.batch_in_epoch % micro == 0:
+            stop = _optimizer_step(model, optimizer, schedule, scaler, state, cfg, preemption, sums)
+            if stop:  # on the epoch's last step: finish the epoch (validation, checkpoint), then stop
+                preempted, after_epoch = i + 1 < len(batches), i + 1 == len(batches)
+                if preempted:
+                    break
+        t_data = time.perf_counter()
+    bar.close()
+    sums.data_s -= getattr(batches, "pass_s", 0.0)  # the statistics pass is compute, not data wait
+    return sums.result(preempted, after_epoch)
+
+
+def _micro_batches(model, loader, step_fn: StepFn, state: TrainState, cfg: TrainConfig, device, scaler, sums):
+    """(what to iterate over, `train(item) -> micro-batches it counts for`): the loader's micro-batches, with a
+    statistics pass for a pooled loss; or with simulated SyncBN groups of simulated GPUs forwarded as one batch."""
     micro, rank = cfg.micro_per_step, dist.info().rank
     amp_dtype = autocast_dtype(cfg.amp, device)
-    sums = _EpochSums(device, schedule.lr_at(state.step))
-    bar = tqdm(
-        total=len(loader),
-        disable=not (dist.is_main() and cfg.progress and sys.stderr.isatty()),  # no bars in batch-job logs
-        desc=f"epoch {state.epoch}",
-        leave=False,
-        dynamic_ncols=True,
-    )
 
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -137,29 +155,34 @@ def train_one_epoch(
         # This GPU's own dropout stream (rank, or simulated GPU), keyed by its position in the run.
         return seeding.seed_micro_batch(cfg.seed, rank, cfg.simulate_gpus, cfg.accum, state.step, m)
 
-    batches = _with_statistics_pass(loader, micro, model, step_fn, reseed, device, autocast)
-    preempted = after_epoch = False
-    t_data = time.perf_counter()
-    for i, batch in enumerate(batches):
-        sums.data_s += time.perf_counter() - t_data  # waiting for the loader: the input pipeline's share
+    def train_group(group) -> int:  # the simulated GPUs of one accumulation index as one batch (hvdtrain.fused)
+        with autocast():
+            loss, n = fused.fused_step(model, group, step_fn, reseed, device)
+        sums.add_micro_batch(loss, n, cfg.accum, scaler)
+        return cfg.simulate_gpus
+
+    def train_one(batch) -> int:
         m = state.batch_in_epoch % micro
         reseed(m)
         # Simulated GPUs after a rank's first leave the running statistics alone: a real run keeps rank 0's.
         with pooling.running_stats_frozen(model, frozen=m >= cfg.accum), autocast():
             loss, n = step_fn(model, batch, device)
         sums.add_micro_batch(loss, n, micro, scaler)
-        state.batch_in_epoch += 1
-        bar.update(1)
-        if state.batch_in_epoch % micro == 0:
-            stop = _optimizer_step(model, optimizer, schedule, scaler, state, cfg, preemption, sums)
-            if stop:  # on the epoch's last step: finish the epoch (validation, checkpoint), then stop
-                preempted, after_epoch = i + 1 < len(loader), i + 1 == len(loader)
-                if preempted:
-                    break
-        t_data = time.perf_counter()
-    bar.close()
-    sums.data_s -= getattr(batches, "pass_s", 0.0)  # the statistics pass is compute, not data wait
-    return sums.result(preempted, after_epoch)
+        return 1
+
+    if cfg.sync_bn and cfg.simulate_gpus > 1:
+        return fused.Groups(loader, cfg.simulate_gpus, cfg.accum), train_group
+    return _with_statistics_pass(loader, micro, model, step_fn, reseed, device, autocast), train_one
+
+
+def _progress_bar(total: int, state: TrainState, cfg: TrainConfig) -> tqdm:
+    return tqdm(
+        total=total,
+        disable=not (dist.is_main() and cfg.progress and sys.stderr.isatty()),  # no bars in batch-job logs
+        desc=f"epoch {state.epoch}",
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 class _EpochSums:
@@ -354,7 +377,7 @@ def _set_up(run: Run, cfg: TrainConfig) -> _Fit:
     """The optimizer and schedule from the config, the restored state (--resume), the run folder, the watchdog."""
     device, shape, paths = device_for(), _shape(cfg, run.train), RunPaths(cfg.run_dir)
     config = dict(run.config or to_dict(cfg))
-    _sync_batch_norm(run.model, cfg, device)
+    _sync_batch_norm(run.model, run.step_fn, cfg, device)
     fastpath.prepare_model(run.model, device, cfg.channels_last, cfg.cudnn_benchmark)
     base_optimizer = build_optimizer(run.model, cfg.optimizer, shape.peak_lr, cfg.weight_decay, cfg.momentum)
     plateau_mode = _plateau_mode(cfg.plateau_monitor, run.monitor, run.mode)
@@ -616,18 +639,28 @@ def _epoch_of(line: str) -> float:
         return math.inf
 
 
-def _sync_batch_norm(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+def _sync_batch_norm(model: nn.Module, step_fn: StepFn, cfg: TrainConfig, device: torch.device) -> None:
     """--sync-bn: check that it means something here, then convert the BatchNorm layers (no-op on one rank)."""
     if not cfg.sync_bn:
         return
     if syncbn.count_batch_norms(model) == 0:
         raise ValueError("--sync-bn: the model has no BatchNorm layer to synchronise (a U-Net needs --norm batch)")
     if cfg.simulate_gpus > 1:
-        # A real SyncBN step normalises with statistics of all GPUs' batches at once; simulated GPUs run one after
-        # another, so each would silently use its own micro-batch's statistics instead.
+        _check_simulated_sync_bn(step_fn, cfg)
+    n = syncbn.sync_batch_norm(model, device, simulated=cfg.simulate_gpus > 1)
+    sim = f", each rank's {cfg.simulate_gpus} simulated GPUs forwarded as one batch" if cfg.simulate_gpus > 1 else ""
+    dist.print0(f"SyncBatchNorm: {n} BatchNorm layer(s) synchronised over {dist.info().size} ranks{sim}")
+
+
+def _check_simulated_sync_bn(step_fn: StepFn, cfg: TrainConfig) -> None:
+    """Simulated GPUs share batch statistics only by being forwarded as one batch (hvdtrain.fused)."""
+    if not isinstance(step_fn, SplitStep):
         raise ValueError(
-            "--sync-bn cannot be simulated: --simulate-gpus runs the GPUs' micro-batches one after another, so they "
-            "cannot share batch statistics; use real ranks (or one GPU with the batch of all of them)"
+            "--sync-bn with --simulate-gpus needs the task's step function as a hvdtrain.SplitStep (prepare, then "
+            "finish after the forward), so that the simulated GPUs' micro-batches can be forwarded as one batch"
         )
-    n = syncbn.sync_batch_norm(model, device)
-    dist.print0(f"SyncBatchNorm: {n} BatchNorm layer(s) synchronised over {dist.info().size} ranks")
+    if step_fn.global_stats is not None and cfg.accum > 1:
+        raise ValueError(
+            "--sync-bn with --simulate-gpus and --accum > 1 cannot pool a global-batch loss (--global-dice): each "
+            "accumulation step is forwarded apart; use --accum 1 or a per-sample loss"
+        )

@@ -19,7 +19,8 @@ __all__ = ["CPUSyncBatchNorm", "convert", "count_batch_norms", "sync_batch_norm"
 
 
 class CPUSyncBatchNorm(_BatchNorm):
-    """BatchNorm (any dimensionality) whose training statistics span all ranks; plain BatchNorm on one rank.
+    """BatchNorm (any dimensionality) whose training statistics span all ranks (on one rank, its own batch: the
+    simulated twin, `hvdtrain.fused`, uses it so that both sides compute the statistics the same way).
 
     Input (N, C, *). Every rank must run the same training forward passes (the loop's equal step counts see to it);
     evaluation with running statistics needs no collective, so uneven evaluation shards are fine.
@@ -31,8 +32,7 @@ class CPUSyncBatchNorm(_BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        use_batch_stats = self.training or not self.track_running_stats
-        if not (use_batch_stats and dist.uses_horovod()):
+        if not (self.training or not self.track_running_stats):
             return super().forward(x)
         mean, var, n = self._global_stats(x)
         if self.training and self.track_running_stats:
@@ -87,11 +87,12 @@ def convert(model: nn.Module, cls: type[_BatchNorm]) -> int:
     return done
 
 
-def sync_batch_norm(model: nn.Module, device: torch.device) -> int:
-    """Turn `model`'s BatchNorm layers (in place) into synchronised ones; returns how many (0 on one rank: no-op).
+def sync_batch_norm(model: nn.Module, device: torch.device, simulated: bool = False) -> int:
+    """Turn `model`'s BatchNorm layers (in place) into synchronised ones; returns how many (0 on one rank: no-op,
+    unless `simulated`: simulated GPUs forwarded as one batch, `hvdtrain.fused`, then use `CPUSyncBatchNorm`).
 
     On GPUs Horovod's `hvd.SyncBatchNorm`; on the CPU, which it refuses, `CPUSyncBatchNorm`.
     """
     if not dist.uses_horovod():
-        return 0
+        return convert(model, CPUSyncBatchNorm) if simulated else 0
     return convert(model, dist.horovod_sync_batch_norm() if device.type == "cuda" else CPUSyncBatchNorm)

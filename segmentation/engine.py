@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hvdtrain import batching, data, dist, pooling, seeding
+from hvdtrain import SplitStep, batching, data, dist, pooling, seeding
 from hvdtrain.config import to_dict
 from hvdtrain.run import Run
 
@@ -198,19 +198,18 @@ def make_loss(cfg: UNetConfig, reduce_fn: Callable[[torch.Tensor], torch.Tensor]
     return DeepSupervisionLoss(dice)
 
 
-def make_step_fn(loss_fn: nn.Module) -> Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, int]]:
-    """`step_fn(model, (image, label), device) -> (local loss, patches)` for `hvdtrain.fit`.
+def make_step_fn(loss_fn: nn.Module) -> SplitStep:
+    """`step_fn(model, (image, label), device) -> (local loss, patches)` for `hvdtrain.fit`, in two halves.
 
     It carries the loss's `GlobalStats` (or None) as `step_fn.global_stats`, for the trainer's statistics pass.
     """
 
-    def step_fn(model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
+    def prepare(batch: Any, device: torch.device):
         image, label = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        return loss_fn(model(image), label), int(image.shape[0])
+        return image, {}, lambda out: (loss_fn(out, label), int(image.shape[0]))
 
     reduce_fn = getattr(getattr(loss_fn, "loss", loss_fn), "reduce_fn", None)
-    step_fn.global_stats = reduce_fn if isinstance(reduce_fn, pooling.GlobalStats) else None  # type: ignore[attr-defined]
-    return step_fn
+    return SplitStep(prepare, reduce_fn if isinstance(reduce_fn, pooling.GlobalStats) else None)
 
 
 def make_eval_fn(cfg: UNetConfig) -> Callable[[nn.Module, Any, torch.device, DiceMetric], None]:

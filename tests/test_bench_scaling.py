@@ -100,9 +100,9 @@ def test_commands_strong_passes_the_global_batch(tmp_path: Path):
     assert real2[:4] == ["horovodrun", "-np", "2", "--mpi"] and real2[-2:] == ["--epochs", "3"]
 
 
-def test_recipes_weak_and_strong_differ_only_in_batch_and_lr():
-    """Per data set, the strong recipe is the weak one with a fixed global batch and its own LR (no drift)."""
-    allowed = {"global_batch", "lr", "lr_rule", "warmup_epochs"}
+def test_recipes_weak_and_strong_differ_only_in_batch_lr_and_epochs():
+    """Per data set, the strong recipe is the weak one with a fixed global batch, its own LR and length (no drift)."""
+    allowed = {"global_batch", "lr", "lr_rule", "lr_table", "warmup_epochs", "epochs"}
     for family in ("lidc", "phantoms"):
         weak = yaml.safe_load(bench_scaling.RECIPES[(family, "weak")].read_text())
         strong = yaml.safe_load(bench_scaling.RECIPES[(family, "strong")].read_text())

@@ -438,7 +438,7 @@ def test_sync_bn_refuses_a_model_without_batch_norm_and_simulated_gpus(tmp_path)
         _fit(tmp_path / "a", epochs=1, sync_bn=True)  # ToyNet: no BatchNorm
     torch.manual_seed(0)
     cfg = TrainConfig(run_dir=str(tmp_path / "b"), sync_bn=True, simulate_gpus=2, progress=False)
-    with pytest.raises(ValueError, match="cannot be simulated"):
+    with pytest.raises(ValueError, match="needs the task's step function as a hvdtrain.SplitStep"):
         fit(
             Run(_bn_net(), data.train_loader(make_blobs(16), 2, micro_per_step=2), None, step_fn, eval_fn, ToyMetric),
             cfg,
