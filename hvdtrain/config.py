@@ -41,6 +41,9 @@ class TrainConfig:
     batch_size_per_gpu: int = arg(2, "samples per rank per micro-batch (with --global-batch: the most that fits)")
     accum: int = arg(1, "micro-batches accumulated per optimizer step (Horovod backward_passes_per_step)")
     simulate_gpus: int = arg(1, "reproduce an N-GPU run on each rank through N x accumulation (same global batch)")
+    fuse_simulated: bool = arg(
+        False, "forward a step's simulated GPUs as one batch: faster, equal to real ranks up to rounding (no BatchNorm)"
+    )
     global_batch: int | None = arg(None, "strong scaling: this global batch at any GPU count (LR not scaled)")
     lr: float = arg(1e-3, "base learning rate, for one GPU's batch; scaled by --lr-rule")
     lr_rule: str = arg("linear", "LR scaling in GPUs x accumulation", ("none", "linear", "sqrt"))

@@ -170,7 +170,7 @@ def _micro_batches(model, loader, step_fn: StepFn, state: TrainState, cfg: Train
         sums.add_micro_batch(loss, n, micro, scaler)
         return 1
 
-    if cfg.sync_bn and cfg.simulate_gpus > 1:
+    if _fuses(cfg):
         return fused.Groups(loader, cfg.simulate_gpus, cfg.accum), train_group
     return _with_statistics_pass(loader, micro, model, step_fn, reseed, device, autocast), train_one
 
@@ -639,25 +639,42 @@ def _epoch_of(line: str) -> float:
         return math.inf
 
 
+def _fuses(cfg: TrainConfig) -> bool:
+    """Whether a step's simulated GPUs are forwarded as one batch (hvdtrain.fused): --sync-bn's twin, or asked."""
+    return cfg.simulate_gpus > 1 and (cfg.sync_bn or cfg.fuse_simulated)
+
+
 def _sync_batch_norm(model: nn.Module, step_fn: StepFn, cfg: TrainConfig, device: torch.device) -> None:
-    """--sync-bn: check that it means something here, then convert the BatchNorm layers (no-op on one rank)."""
+    """--sync-bn (or --fuse-simulated): check that it means something here, then convert the BatchNorm layers
+    (no-op on one rank)."""
+    if _fuses(cfg):
+        _check_fused(model, step_fn, cfg)
     if not cfg.sync_bn:
         return
     if syncbn.count_batch_norms(model) == 0:
         raise ValueError("--sync-bn: the model has no BatchNorm layer to synchronise (a U-Net needs --norm batch)")
-    if cfg.simulate_gpus > 1:
-        _check_simulated_sync_bn(step_fn, cfg)
     n = syncbn.sync_batch_norm(model, device, simulated=cfg.simulate_gpus > 1)
     sim = f", each rank's {cfg.simulate_gpus} simulated GPUs forwarded as one batch" if cfg.simulate_gpus > 1 else ""
     dist.print0(f"SyncBatchNorm: {n} BatchNorm layer(s) synchronised over {dist.info().size} ranks{sim}")
 
 
-def _check_simulated_sync_bn(step_fn: StepFn, cfg: TrainConfig) -> None:
-    """Simulated GPUs share batch statistics only by being forwarded as one batch (hvdtrain.fused)."""
+def _check_fused(model: nn.Module, step_fn: StepFn, cfg: TrainConfig) -> None:
+    """Simulated GPUs forwarded as one batch: the step must come in halves, and nothing may mix the GPUs' samples."""
+    what = "--sync-bn" if cfg.sync_bn else "--fuse-simulated"
     if not isinstance(step_fn, SplitStep):
         raise ValueError(
-            "--sync-bn with --simulate-gpus needs the task's step function as a hvdtrain.SplitStep (prepare, then "
+            f"{what} with --simulate-gpus needs the task's step function as a hvdtrain.SplitStep (prepare, then "
             "finish after the forward), so that the simulated GPUs' micro-batches can be forwarded as one batch"
+        )
+    if step_fn.global_stats is not None and cfg.accum > 1:
+        raise ValueError(
+            f"{what} with --simulate-gpus and --accum > 1 cannot pool a global-batch loss (--global-dice): each "
+            "accumulation step is forwarded apart; use --accum 1 or a per-sample loss"
+        )
+    if not cfg.sync_bn and syncbn.count_batch_norms(model):
+        raise ValueError(
+            "--fuse-simulated: the model has BatchNorm, whose statistics would span the simulated GPUs' batches "
+            "(a real run normalises each GPU's own); add --sync-bn for that, or drop --fuse-simulated"
         )
     if step_fn.global_stats is not None and cfg.accum > 1:
         raise ValueError(

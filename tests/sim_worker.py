@@ -5,7 +5,7 @@ python tests/sim_worker.py classifier DATA OUT [--simulate-gpus N] [--epochs E] 
 
 Each trains the task's real pieces through `hvdtrain.fit` and writes OUT/<what>[_syncbn]_sim<N>_rank<r>.pt: the
 summary and the final state dict (parameters and running statistics). --sync-bn synchronises BatchNorm (the U-Net
-then uses BatchNorm instead of instance norm).
+then uses BatchNorm instead of instance norm); --fuse forwards the simulated GPUs as one batch (--fuse-simulated).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvdtrain import dist
 
 
-def unet(data: Path, out: Path, simulate_gpus: int, epochs: int, sync_bn: bool = False) -> dict:
+def unet(data: Path, out: Path, simulate_gpus: int, epochs: int, sync_bn: bool = False, fuse: bool = False) -> dict:
     """Global-batch Dice + BCE, deep supervision, dropout, augmentation, AdamW with warmup and the sqrt LR rule.
 
     4 training volumes x 10 patches: 10 steps of global batch 4 per epoch (5 of 8 on 4 GPUs).
@@ -36,6 +36,7 @@ def unet(data: Path, out: Path, simulate_gpus: int, epochs: int, sync_bn: bool =
         run_dir=str(out / f"unet_sim{simulate_gpus}"),
         norm="batch" if sync_bn else "instance",
         sync_bn=sync_bn,
+        fuse_simulated=fuse,
         epochs=epochs,
         batch_size_per_gpu=2,
         simulate_gpus=simulate_gpus,
@@ -64,7 +65,9 @@ def unet(data: Path, out: Path, simulate_gpus: int, epochs: int, sync_bn: bool =
     return {"summary": fit(run, cfg), "final": run.model.state_dict()}
 
 
-def classifier(data: Path, out: Path, simulate_gpus: int, epochs: int, sync_bn: bool = False) -> dict:
+def classifier(
+    data: Path, out: Path, simulate_gpus: int, epochs: int, sync_bn: bool = False, fuse: bool = False
+) -> dict:
     """SmallCNN (BatchNorm) with dropout, the cached augmentation pipeline, mixup, SGD with warmup and the linear rule.
 
     36 images, 32 training: 8 steps of global batch 4 per epoch (4 of 8 on 4 GPUs).
@@ -79,6 +82,7 @@ def classifier(data: Path, out: Path, simulate_gpus: int, epochs: int, sync_bn: 
         data=str(data),
         run_dir=str(out / f"classifier_sim{simulate_gpus}"),
         sync_bn=sync_bn,
+        fuse_simulated=fuse,
         cache_dir=str(out / f"cache_cls_sim{simulate_gpus}"),
         epochs=epochs,
         batch_size_per_gpu=2,
@@ -114,9 +118,12 @@ if __name__ == "__main__":
     p.add_argument("--simulate-gpus", type=int, default=1)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--sync-bn", action="store_true")
+    p.add_argument("--fuse", action="store_true", help="--fuse-simulated")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     d = dist.init(threads=1)
-    result = {"unet": unet, "classifier": classifier}[a.what](a.data, a.out, a.simulate_gpus, a.epochs, a.sync_bn)
-    tag = "_syncbn" if a.sync_bn else ""
+    result = {"unet": unet, "classifier": classifier}[a.what](
+        a.data, a.out, a.simulate_gpus, a.epochs, a.sync_bn, a.fuse
+    )
+    tag = ("_syncbn" if a.sync_bn else "") + ("_fused" if a.fuse else "")
     torch.save(result, a.out / f"{a.what}{tag}_sim{a.simulate_gpus}_rank{d.rank}.pt")

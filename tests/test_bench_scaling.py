@@ -96,6 +96,7 @@ def test_commands_strong_passes_the_global_batch(tmp_path: Path):
     assert "--global-batch" not in weak and weak[weak.index("--simulate-gpus") + 1] == "8"
     assert strong[strong.index("--global-batch") + 1] == "64" and strong[strong.index("--simulate-gpus") + 1] == "8"
     assert strong[strong.index("--cache-dir") + 1] == str(tmp_path / "cache")
+    assert "--fuse-simulated" in weak and "--fuse-simulated" not in bench_scaling.command(Run(1, 1, "weak"), *args)
     real2 = bench_scaling.command(Run(2, 1, "strong"), *args[:-2], 3, 64)
     assert real2[:4] == ["horovodrun", "-np", "2", "--mpi"] and real2[-2:] == ["--epochs", "3"]
 

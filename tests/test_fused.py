@@ -3,6 +3,8 @@ The end-to-end check against real ranks is in tests/test_simulation_exact.py."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,3 +88,39 @@ def test_fused_step_is_the_whole_batch_step_with_a_pooled_dice():
     for (name, a), b in zip(whole_net.named_parameters(), fused_net.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
     torch.testing.assert_close(fused_net.bn.running_mean, whole_net.bn.running_mean)
+
+
+def test_fused_step_gives_the_gradient_of_the_micro_batches_one_by_one():
+    """--fuse-simulated on the instance-norm U-Net (dropout, deep supervision, global-batch Dice): one step's gradient
+    equals that of the statistics pass + micro-batch by micro-batch path that equals real ranks bit for bit."""
+    import copy
+
+    from hvdtrain.pooling import statistics_pass
+    from segmentation.unet import UNet3D
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 1, 16, 16, 8, generator=g), (torch.rand(4, 1, 16, 16, 8, generator=g) > 0.8).float()
+    torch.manual_seed(0)
+    fused_net = UNet3D(features=4, depth=2, deep_supervision=True, dropout=0.2)
+    apart_net = copy.deepcopy(fused_net)
+
+    def split_step():
+        stats = GlobalStats()
+        loss_fn = DeepSupervisionLoss(DiceLoss("sigmoid", batch_dice=True, ce_weight=1.0, reduce_fn=stats))
+        return SplitStep(lambda b, d: (b[0], {}, lambda out: (loss_fn(out, b[1]), 2)), stats)
+
+    group = [(0, (x[:2], t[:2])), (1, (x[2:], t[2:]))]
+    cpu = torch.device("cpu")
+
+    def reseed(m):
+        return torch.manual_seed(100 + m)
+
+    loss, _ = fused_step(fused_net, group, split_step(), reseed, cpu)
+    loss.backward()
+    step = split_step()
+    statistics_pass(apart_net, [b for _, b in group], step, step.global_stats, reseed, cpu, contextlib.nullcontext)
+    for m, batch in group:
+        reseed(m)
+        (step(apart_net, batch, cpu)[0] / len(group)).backward()
+    for (name, a), b in zip(apart_net.named_parameters(), fused_net.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from hvdtrain import (
     Run,
+    SplitStep,
     TrainConfig,
     batching,
     checkpoint,
@@ -442,6 +443,12 @@ def test_sync_bn_refuses_a_model_without_batch_norm_and_simulated_gpus(tmp_path)
         fit(
             Run(_bn_net(), data.train_loader(make_blobs(16), 2, micro_per_step=2), None, step_fn, eval_fn, ToyMetric),
             cfg,
+        )
+    split = SplitStep(lambda b, d: (b[0], {}, lambda out: (torch.nn.functional.cross_entropy(out, b[1]), 2)))
+    cfg = TrainConfig(run_dir=str(tmp_path / "c"), fuse_simulated=True, simulate_gpus=2, progress=False)
+    with pytest.raises(ValueError, match="--fuse-simulated: the model has BatchNorm"):
+        fit(
+            Run(_bn_net(), data.train_loader(make_blobs(16), 2, micro_per_step=2), None, split, eval_fn, ToyMetric), cfg
         )
 
 
