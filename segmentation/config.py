@@ -53,6 +53,7 @@ class UNetConfig(TrainConfig):
     deep_supervision: bool = arg(False, "extra loss heads on the lower decoder levels")
     residual: bool = arg(False, "residual blocks (conv-norm-act-conv-norm + skip)")
     top_features: int = arg(0, "channels of the full-resolution level only (0: --features); fewer is cheaper")
+    stem: int = arg(1, "2: a strided first and transposed last convolution, blocks at half resolution or below", (1, 2))
     # loss
     batch_dice: bool = arg(True, "Dice over the whole batch (nnU-Net) instead of per sample")
     global_dice: bool = arg(True, "with batch Dice: allreduce tp/fp/fn so the Dice is over the global batch")

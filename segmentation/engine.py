@@ -5,7 +5,7 @@ Checkpoint `config` layout (written by `checkpoint_config`, read by `model_from_
     config = {
         ...every UNetConfig field...,
         "model": {"in_channels", "out_channels", "features", "depth", "norm", "dropout", "deep_supervision",
-                  "max_features", "residual", "top_features"},   # UNet3D(**config["model"])
+                  "max_features", "residual", "top_features"[, "stem"]},   # UNet3D(**config["model"])
         "preprocess": {"target_spacing", "window", "normalize"},   # PreprocessParams.from_dict(...)
         "inference": {"roi_size", "overlap", "sw_batch_size", "threshold", "activation", "tta_flips", "postprocess"},
     }
@@ -86,6 +86,8 @@ def model_kwargs(cfg: UNetConfig) -> dict[str, Any]:
         "max_features": 320,
         "residual": cfg.residual,
         "top_features": cfg.top_features,
+        # Only when set: checkpoints written before the option (no "stem" key) keep resuming.
+        **({"stem": cfg.stem} if cfg.stem != 1 else {}),
     }
 
 

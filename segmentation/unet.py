@@ -74,6 +74,9 @@ class UNet3D(nn.Module):
         residual: residual blocks (`ResBlock`) instead of plain ones.
         top_features: channels of the full-resolution level only (0: `features`); fewer makes the full
             resolution, where most of the FLOPs are, cheap while the lower levels keep their width.
+        stem: 2 puts a strided convolution first and a transposed one last, so every block runs at half resolution
+            or below (MONAI's `UNet` layout: most of a plain U-Net's FLOPs are its full-resolution blocks); the
+            output keeps the input's size, and deep supervision's maps keep their sizes. 1: none.
     """
 
     def __init__(
@@ -88,35 +91,52 @@ class UNet3D(nn.Module):
         max_features: int = 320,
         residual: bool = False,
         top_features: int = 0,
+        stem: int = 1,
     ):
         super().__init__()
+        if stem not in (1, 2):
+            raise ValueError(f"stem must be 1 or 2, got {stem}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         ch = [min(features * 2**i, max_features) for i in range(depth + 1)]
         ch[0] = top_features or ch[0]
-        self.depth, self.deep_supervision = depth, deep_supervision
+        self.depth, self.deep_supervision, self.shift = depth, deep_supervision, stem - 1
         block = ResBlock if residual else ConvBlock
+        first_in = in_channels
+        if stem == 2:
+            self.stem = nn.Sequential(
+                nn.Conv3d(in_channels, ch[0], 3, stride=2, padding=1, bias=False),
+                _norm(norm, ch[0]),
+                nn.LeakyReLU(0.01),
+            )
+            self.unstem = nn.Sequential(
+                nn.ConvTranspose3d(ch[0], ch[0], 2, stride=2), _norm(norm, ch[0]), nn.LeakyReLU(0.01)
+            )
+            first_in = ch[0]
         self.encoders = nn.ModuleList(
-            [block(in_channels if i == 0 else ch[i - 1], ch[i], norm, dropout) for i in range(depth + 1)]
+            [block(first_in if i == 0 else ch[i - 1], ch[i], norm, dropout) for i in range(depth + 1)]
         )
         self.pool = nn.MaxPool3d(2)
         # Decoder level i (from the bottom): upsample ch[i+1] -> ch[i], concat skip ch[i], block 2*ch[i] -> ch[i].
         self.ups = nn.ModuleList([nn.ConvTranspose3d(ch[i + 1], ch[i], 2, stride=2) for i in range(depth)])
         self.decoders = nn.ModuleList([block(2 * ch[i], ch[i], norm, dropout) for i in range(depth)])
         self.head = nn.Conv3d(ch[0], out_channels, 1)
+        # One head per map at 1/2 .. 1/2**(depth-1): decoder level i is at 1/2**(i + shift).
         self.ds_heads = nn.ModuleList(
-            [nn.Conv3d(ch[i], out_channels, 1) for i in range(1, depth)] if deep_supervision else []
+            [nn.Conv3d(ch[k - self.shift], out_channels, 1) for k in range(1, depth)] if deep_supervision else []
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         size = x.shape[2:]
-        m = 2**self.depth
+        m = 2 ** (self.depth + self.shift)
         pad = [(-s) % m for s in size]
         if any(pad):
             # F.pad takes (last dim first) (left, right) pairs; pad at the far end only.
             x = F.pad(x, [p for s in reversed(pad) for p in (0, s)], mode="replicate")
+        if self.shift:
+            x = self.stem(x)
         skips = []
         for i, enc in enumerate(self.encoders):
             x = enc(x)
@@ -126,8 +146,11 @@ class UNet3D(nn.Module):
         outputs = []
         for i in reversed(range(self.depth)):
             x = self.decoders[i](torch.cat([self.ups[i](x), skips[i]], dim=1))
-            if self.training and self.deep_supervision and 1 <= i:
-                outputs.append(self.ds_heads[i - 1](x))
+            k = i + self.shift  # this map is at 1/2**k
+            if self.training and self.deep_supervision and 1 <= k < self.depth:
+                outputs.append(self.ds_heads[k - 1](x))
+        if self.shift:
+            x = self.unstem(x)
         out = self.head(x)[(..., *[slice(0, s) for s in size])]
         if not (self.training and self.deep_supervision):
             return out

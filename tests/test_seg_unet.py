@@ -67,3 +67,19 @@ def test_residual_block_adds_its_input():
     x = torch.rand(1, 4, 6, 6, 6)  # positive: LeakyReLU keeps it, so a zero body gives back x
     torch.testing.assert_close(block(x), x)
     assert isinstance(ResBlock(2, 4, "batch", 0.1).skip, torch.nn.Conv3d)
+
+
+def test_strided_stem_keeps_shapes_and_runs_its_blocks_at_half_resolution():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 33, 34, 35)
+    net = UNet3D(features=4, depth=3, stem=2, deep_supervision=True)
+    seen = []
+    net.encoders[0].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[2:])))
+    outs = net.train()(x)
+    assert [tuple(o.shape) for o in outs] == [(2, 1, 33, 34, 35), (2, 1, 17, 17, 18), (2, 1, 9, 9, 9)]
+    assert seen == [(24, 24, 24)]  # padded to a multiple of 2**(3 + 1) = 16 (48), then halved by the stem
+    assert net.eval()(x).shape == (2, 1, 33, 34, 35)
+    sum(o.mean() for o in net.train()(x)).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    with pytest.raises(ValueError, match="stem"):
+        UNet3D(stem=4)
