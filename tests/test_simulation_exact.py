@@ -102,7 +102,7 @@ def test_fused_simulation_equals_real_ranks_up_to_rounding(datasets, tmp_path):
     real = _train("unet", datasets["unet"], tmp_path / "real", ranks=2, simulate=1)[0]
     fused = _train("unet", datasets["unet"], tmp_path / "fused", ranks=1, simulate=2, fuse=True)[0]
     assert fused["summary"]["steps_per_epoch"] == real["summary"]["steps_per_epoch"]
-    # One step's gradient agrees to 6e-8 (tests/test_fused.py); over 20 AdamW steps of this barely-learning phantom
+    # One step's gradient agrees within 1e-6 (tests/test_fused.py); over 20 AdamW steps of this barely-learning phantom
     # run, whose normalised steps magnify rounding, the weights end 1.5e-3 apart (measured).
     assert _max_diff(fused["final"], real["final"]) <= 5e-3
     assert fused["summary"]["best_metric"] == pytest.approx(real["summary"]["best_metric"], abs=2e-3)
