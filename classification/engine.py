@@ -103,8 +103,7 @@ def make_step_fn(
 
         return images, {"with_mask": True}, finish
 
-    step_fn = SplitStep(prepare)
-    return step_fn
+    return SplitStep(prepare)
 
 
 def tta_logits(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:

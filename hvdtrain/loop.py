@@ -377,7 +377,9 @@ def _set_up(run: Run, cfg: TrainConfig) -> _Fit:
     """The optimizer and schedule from the config, the restored state (--resume), the run folder, the watchdog."""
     device, shape, paths = device_for(), _shape(cfg, run.train), RunPaths(cfg.run_dir)
     config = dict(run.config or to_dict(cfg))
-    _sync_batch_norm(run.model, run.step_fn, cfg, device)
+    if _fuses(cfg):
+        _check_fused(run.model, run.step_fn, cfg)
+    _sync_batch_norm(run.model, cfg, device)
     fastpath.prepare_model(run.model, device, cfg.channels_last, cfg.cudnn_benchmark)
     base_optimizer = build_optimizer(run.model, cfg.optimizer, shape.peak_lr, cfg.weight_decay, cfg.momentum)
     plateau_mode = _plateau_mode(cfg.plateau_monitor, run.monitor, run.mode)
@@ -644,11 +646,8 @@ def _fuses(cfg: TrainConfig) -> bool:
     return cfg.simulate_gpus > 1 and (cfg.sync_bn or cfg.fuse_simulated)
 
 
-def _sync_batch_norm(model: nn.Module, step_fn: StepFn, cfg: TrainConfig, device: torch.device) -> None:
-    """--sync-bn (or --fuse-simulated): check that it means something here, then convert the BatchNorm layers
-    (no-op on one rank)."""
-    if _fuses(cfg):
-        _check_fused(model, step_fn, cfg)
+def _sync_batch_norm(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """--sync-bn: check that it means something here, then convert the BatchNorm layers (no-op on one rank)."""
     if not cfg.sync_bn:
         return
     if syncbn.count_batch_norms(model) == 0:
@@ -675,9 +674,4 @@ def _check_fused(model: nn.Module, step_fn: StepFn, cfg: TrainConfig) -> None:
         raise ValueError(
             "--fuse-simulated: the model has BatchNorm, whose statistics would span the simulated GPUs' batches "
             "(a real run normalises each GPU's own); add --sync-bn for that, or drop --fuse-simulated"
-        )
-    if step_fn.global_stats is not None and cfg.accum > 1:
-        raise ValueError(
-            "--sync-bn with --simulate-gpus and --accum > 1 cannot pool a global-batch loss (--global-dice): each "
-            "accumulation step is forwarded apart; use --accum 1 or a per-sample loss"
         )

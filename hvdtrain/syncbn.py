@@ -32,7 +32,7 @@ class CPUSyncBatchNorm(_BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        if not (self.training or not self.track_running_stats):
+        if not self.training and self.track_running_stats:  # evaluation with running statistics
             return super().forward(x)
         mean, var, n = self._global_stats(x)
         if self.training and self.track_running_stats:

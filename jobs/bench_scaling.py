@@ -1,6 +1,6 @@
 """Dice against GPU count on real LIDC nodules, weak and strong scaling: simulated 1-64 GPUs, real ranks, the report.
 
-    python -m jobs.bench_scaling                       # the issue-12 bar, both modes, 16 runs (about 50 min, 2 cores)
+    python -m jobs.bench_scaling                       # the issue-12 bar, both modes, 16 runs (about 41 min, 2 cores)
     python -m jobs.bench_scaling --quick               # smoke run: 1, 2, 4 GPUs, 1 epoch, 40 crops (about 1 min)
     python -m jobs.bench_scaling --quick --data phantoms   # the same on small phantoms (what the tests run)
     python -m jobs.bench_scaling --modes strong --gpus 1,8,64 --out runs/bench_scaling-try
@@ -28,8 +28,8 @@ crops, sliding window) every 2 epochs, the same number of EPOCHS at every GPU co
   scaled: 240 updates and the same optimisation at every GPU count; only the time changes.
 
 Runs: `python -m jobs.train_unet --config RECIPE` once per GPU count with `--simulate-gpus N --fuse-simulated` (one
-process; each step's N micro-batches forwarded as one batch, which a per-GPU batch of 2 leaves the CPU too small to
-use well: the N-GPU global batch, LR and number of updates, the real ranks' arithmetic summed in another order), and
+process; each step's N micro-batches forwarded as one batch, since a batch of 2 patches leaves a CPU core underused:
+the N-GPU global batch, LR and number of updates, the real ranks' arithmetic summed in another order), and
 for real under `horovodrun -np R`
 (jobs._launch) for the rank counts of `--real-ranks` (default 1 and 2), per mode. The 1-GPU point is the real
 1-rank run. The real runs go first and alone, so that their epoch times are measurements; the simulated runs then

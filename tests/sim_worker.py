@@ -1,9 +1,9 @@
 """Run by tests/test_simulation_exact.py under horovodrun (real ranks) and as one plain process (simulated GPUs).
 
-python tests/sim_worker.py unet DATA OUT [--simulate-gpus N] [--epochs E] [--sync-bn]  (DATA: Decathlon phantoms)
-python tests/sim_worker.py classifier DATA OUT [--simulate-gpus N] [--epochs E] [--sync-bn]  (synthetic ultrasound)
+python tests/sim_worker.py unet DATA OUT [--simulate-gpus N] [--epochs E] [--sync-bn] [--fuse]  (Decathlon phantoms)
+python tests/sim_worker.py classifier DATA OUT [--simulate-gpus N] [--epochs E] [--sync-bn] [--fuse]  (ultrasound)
 
-Each trains the task's real pieces through `hvdtrain.fit` and writes OUT/<what>[_syncbn]_sim<N>_rank<r>.pt: the
+Each trains the task's real pieces through `hvdtrain.fit` and writes OUT/<what>[_syncbn][_fused]_sim<N>_rank<r>.pt: the
 summary and the final state dict (parameters and running statistics). --sync-bn synchronises BatchNorm (the U-Net
 then uses BatchNorm instead of instance norm); --fuse forwards the simulated GPUs as one batch (--fuse-simulated).
 """

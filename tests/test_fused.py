@@ -15,6 +15,15 @@ from hvdtrain.pooling import GlobalStats
 from segmentation.losses import DeepSupervisionLoss, DiceLoss
 
 
+def _streams(*seeds: int) -> list:
+    """The random state each seed leaves, as `chunked_dropout` takes them (CPU only)."""
+    states = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        states.append((torch.get_rng_state(), None))
+    return states
+
+
 def test_groups_hold_one_accumulation_index_of_every_simulated_gpu():
     loader = [f"b{i}" for i in range(8)]  # two steps of 2 simulated GPUs x 2 accumulation steps, GPU-major
     groups = list(Groups(loader, simulate_gpus=2, accum=2))
@@ -36,11 +45,7 @@ def test_chunked_dropout_draws_each_slice_from_its_own_stream():
     for seed, piece in zip((11, 12), x.split([2, 3])):  # each GPU on its own: seed, then its forward
         torch.manual_seed(seed)
         alone.append(net(piece))
-    states = []
-    for seed in (11, 12):
-        torch.manual_seed(seed)
-        states.append((torch.get_rng_state(), None))
-    with chunked_dropout(net, [2, 3], states, torch.device("cpu")):
+    with chunked_dropout(net, [2, 3], _streams(11, 12), torch.device("cpu")):
         together = net(x)
     assert torch.equal(together, torch.cat(alone))
     assert not torch.equal(alone[0][0], alone[1][0])  # the streams differ
@@ -75,11 +80,7 @@ def test_fused_step_is_the_whole_batch_step_with_a_pooled_dice():
     loss.backward()
 
     whole_net = _BNNet()
-    states = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        states.append((torch.get_rng_state(), None))
-    with chunked_dropout(whole_net, [2, 2], states, torch.device("cpu")):
+    with chunked_dropout(whole_net, [2, 2], _streams(0, 1), torch.device("cpu")):
         out = whole_net(x)
     whole = DeepSupervisionLoss(DiceLoss("sigmoid", batch_dice=True, ce_weight=1.0))(out, t)
     whole.backward()
