@@ -115,8 +115,9 @@ def horovodrun_cmd(np_: int, argv: list[str], settings: LaunchSettings = DEFAULT
     return ["horovodrun", "-np", str(np_), f"--{settings.controller}", *argv]
 
 
-def run_together(cmd: list[str], n: int, what: str) -> list[float]:
-    """Start `n` copies of `cmd` at once (benchmark workers that each print one number last); their numbers.
+def run_together(cmd: list[str], n: int, what: str, parse=float) -> list:
+    """Start `n` copies of `cmd` at once (benchmark workers that each print one result last); their results, each
+    last line read by `parse` (default: one number).
 
     Raises SystemExit naming `what` when a copy fails.
     """
@@ -125,7 +126,7 @@ def run_together(cmd: list[str], n: int, what: str) -> list[float]:
     outs = [p.communicate(timeout=1800)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit(f"{what}: a worker process failed: {outs}")
-    return [float(o.strip().splitlines()[-1]) for o in outs]
+    return [parse(o.strip().splitlines()[-1]) for o in outs]
 
 
 def main(argv: list[str] | None = None) -> int:

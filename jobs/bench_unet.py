@@ -35,6 +35,12 @@ def unet_step_seconds(cfg, steps: int, warmup: int, lr: float, foreground: float
     """Seconds per plain-PyTorch training step (forward, Dice/BCE loss, backward, AdamW) of `cfg`'s U-Net on random
     patches of its patch size and per-GPU batch (`foreground` of the voxels labelled), after `warmup` untimed steps.
     """
+    times = unet_step_times(cfg, steps, warmup, lr, foreground)
+    return sum(times) / len(times)
+
+
+def unet_step_times(cfg, steps: int, warmup: int, lr: float, foreground: float) -> list[float]:
+    """Seconds of each of `steps` timed steps of `unet_step_seconds`'s loop (their spread is the straggler wait)."""
     from segmentation.engine import build_model, make_loss, model_kwargs
 
     model = build_model(model_kwargs(cfg))
@@ -42,14 +48,15 @@ def unet_step_seconds(cfg, steps: int, warmup: int, lr: float, foreground: float
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     x = torch.randn(cfg.batch_size_per_gpu, 1, *cfg.patch_size)
     y = (torch.rand(cfg.batch_size_per_gpu, 1, *cfg.patch_size) > 1 - foreground).float()
-    for i in range(steps + warmup):
-        if i == warmup:
-            t0 = time.perf_counter()
+    times = []
+    for _ in range(steps + warmup):
+        t0 = time.perf_counter()
         loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return (time.perf_counter() - t0) / steps
+        times.append(time.perf_counter() - t0)
+    return times[warmup:]
 
 
 def plain_step(patch: tuple[int, int, int], batch: int, steps: int, features: int, depth: int) -> float:

@@ -52,6 +52,7 @@ _OVERRIDES = {
     "overlap": float,
     "relative_throughput": float,
     "contention": float,
+    "step_cv": float,
 }
 _INPUTS = ("step_time", "grad_bytes", "samples", "batch")  # needed unless --calibrate-from supplies them
 

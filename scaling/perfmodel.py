@@ -20,6 +20,12 @@ Ranks that share a node may also slow each other's compute (on a CPU host they s
 level cache): with more than one rank on a node, the compute of one GPU alone is multiplied by the profile's
 `contention` factor, measured by an independent probe (`python -m jobs.bench_contention`) and 1 for GPUs, which
 do not share their compute.
+
+Ranks also wait for each other: every optimizer step ends in an allreduce, so a step lasts as long as the slowest
+rank's compute. When one micro-batch's compute time varies with coefficient of variation `step_cv` (the same probe
+measures it), the k = accum micro-batches of a step sum to a time of relative spread cv / sqrt(k), and the slowest of
+p ranks takes on average 1 + cv * e_p / sqrt(k) times the mean, e_p the expected maximum of p standard normal draws
+(e_2 = 0.56, e_64 = 2.34): a step of one micro-batch pays the most, an accumulated one (strong scaling) little.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ __all__ = [
     "calibrate",
     "compute_on",
     "derive",
+    "expected_max_normal",
     "format_prediction",
     "get_profile",
     "hierarchical_allreduce_time",
@@ -59,6 +66,7 @@ __all__ = [
     "ring_allreduce_time",
     "small_allreduce_time",
     "source_lines",
+    "straggler_factor",
     "strong_assumption_lines",
     "strong_split",
 ]
@@ -92,6 +100,7 @@ class MachineProfile:
     overlap: float = 0.5  # fraction of the allreduce hidden behind the backward pass (0..1)
     backward_fraction: float = 2.0 / 3.0  # share of the compute that is backward: the most comm can hide behind
     contention: float = 1.0  # compute time multiplier for each rank when more than one rank runs on a node
+    step_cv: float = 0.0  # coefficient of variation of one micro-batch's compute time (ranks wait for the slowest)
     notes: str = ""  # what the machine is, in one sentence
     sources: dict[str, str] = field(default_factory=dict, compare=False)  # field name -> where its value comes from
 
@@ -103,7 +112,7 @@ class MachineProfile:
         for name in ("gpus_per_node", "nics_per_node"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("intra_latency_us", "inter_latency_us", "fusion_mb", "cycle_ms"):
+        for name in ("intra_latency_us", "inter_latency_us", "fusion_mb", "cycle_ms", "step_cv"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("overlap", "backward_fraction"):
@@ -120,9 +129,29 @@ class MachineProfile:
         """Network bandwidth out of one node (all its NICs)."""
         return self.nic_bw_gbs * min(self.nics_per_node, self.gpus_per_node)
 
-    def compute_factor(self, p: int) -> float:
-        """How much longer each rank computes on `p` GPUs than one GPU alone: `contention` with > 1 rank a node."""
-        return self.contention if min(p, self.gpus_per_node) > 1 else 1.0
+    def compute_factor(self, p: int, accum: int = 1) -> float:
+        """How much longer a step's compute lasts on `p` GPUs than on one GPU alone: `contention` with > 1 rank a
+        node, times the wait for the slowest of the `p` ranks over `accum` micro-batches (`straggler_factor`)."""
+        shared = self.contention if min(p, self.gpus_per_node) > 1 else 1.0
+        return shared * straggler_factor(p, accum, self.step_cv)
+
+
+def expected_max_normal(p: int) -> float:
+    """E[max of `p` independent standard normal draws] (0 for 1, 1/sqrt(pi) for 2), by numerical integration."""
+    if p < 1:
+        raise ValueError(f"the number of ranks must be >= 1, got {p}")
+    x = np.linspace(-12.0, 12.0, 24001)
+    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+    # E[max] = integral of x d(cdf^p)
+    return float(np.trapezoid(x * np.gradient(cdf**p, x), x))
+
+
+def straggler_factor(p: int, accum: int, step_cv: float) -> float:
+    """Mean time of the slowest of `p` ranks over the mean rank, for steps of `accum` micro-batches whose compute
+    times vary independently with coefficient of variation `step_cv`: 1 + cv * e_p / sqrt(accum) (normal limit)."""
+    if p <= 1 or step_cv <= 0:
+        return 1.0
+    return 1.0 + step_cv * expected_max_normal(p) / math.sqrt(max(accum, 1))
 
 
 # The numbers of a profile that need a source (with `from __future__ import annotations` the types are strings).
@@ -147,11 +176,24 @@ _HVD_FUSION = "Horovod 0.28 operations.cc: SetTensorFusionThresholdBytes(128 * 1
 _HVD_CYCLE = "Horovod 0.28 operations.cc: SetCycleTimeMs(1), the default"
 _BENCH = "measured: `python -m jobs.bench_allreduce --repeats 2` on 2026-12-03 (dev machine, default launch, 2 ranks)"
 # Two processes with a core each on this host, the jobs.bench_scaling recipe's step (one thread each).
-CPU_CONTENTION = 1.16
+_PROBE = (
+    "measured: `python -m jobs.bench_contention --json runs/bench_contention_cv.json` on 2026-12-03 (dev machine,"
+    " quiet): the jobs.bench_scaling recipe's step, one thread, 200 steps x 3 rounds; an independent probe, not the"
+    " 2-rank runs it predicts"
+)
+CPU_CONTENTION = 1.01
 _CPU_CONTENTION_SOURCE = (
-    "measured: `python -m jobs.bench_contention` on 2026-12-03 (dev machine; two niced jobs of another session in the"
-    " background): the jobs.bench_scaling recipe's step, one thread, 200 steps x 3 rounds: median 31.6 ms alone,"
-    " 36.5 ms each with 2 processes at once, x1.158; an independent probe, not the 2-rank runs it predicts"
+    f"{_PROBE}: mean step 30.6 ms alone (median of 3 rounds), 30.8 ms each with 2 processes at once, x1.007 (an"
+    " earlier probe under load had x1.16)"
+)
+CPU_STEP_CV = 0.158
+_CPU_STEP_CV_SOURCE = (
+    f"{_PROBE}: step times of a process beside another vary with sd / mean 0.158 (median of 6 processes), so two"
+    " synchronous ranks wait x1.089 a step of one micro-batch"
+)
+_GPU_STEP_CV = (
+    "assumption: 0, GPU kernels of a fixed-shape step take the same time each step; stragglers from data loading or"
+    " a noisy node are not modelled (pass a measured spread with --step-cv)"
 )
 _GPU_CONTENTION = (
     "assumption: 1, no contention: each rank computes on its own GPU with its own memory; what the ranks of a node"
@@ -197,6 +239,7 @@ PROFILES: dict[str, MachineProfile] = {
             " the backward hooks); not measured on that cluster",
             "backward_fraction": _BACKWARD,
             "contention": _GPU_CONTENTION,
+            "step_cv": _GPU_STEP_CV,
         },
     ),
     "modern_h100_ndr": MachineProfile(
@@ -235,6 +278,7 @@ PROFILES: dict[str, MachineProfile] = {
             " before backward does); not measured",
             "backward_fraction": _BACKWARD,
             "contention": _GPU_CONTENTION,
+            "step_cv": _GPU_STEP_CV,
         },
     ),
     "cpu_this_machine": MachineProfile(
@@ -252,6 +296,7 @@ PROFILES: dict[str, MachineProfile] = {
         cycle_ms=0.2,
         overlap=0.0,
         contention=CPU_CONTENTION,
+        step_cv=CPU_STEP_CV,
         notes="every rank on this one 2-core host, Horovod over OpenMPI's shared-memory transport; `calibrate`"
         " takes compute from measured 1-rank runs",
         sources={
@@ -273,6 +318,7 @@ PROFILES: dict[str, MachineProfile] = {
             " allreduce competes with backward for the same 2 cores",
             "backward_fraction": _BACKWARD,
             "contention": _CPU_CONTENTION_SOURCE,
+            "step_cv": _CPU_STEP_CV_SOURCE,
         },
     ),
 }
@@ -449,7 +495,8 @@ def predict_point(
     Args:
         profile: a profile name, file or object.
         compute_step_s: compute seconds of one optimizer step (all `accum` micro-batches) on one GPU alone; with
-            more than one rank on a node it is multiplied by the profile's `contention`.
+            more than one rank on a node it is multiplied by the profile's `contention`, and on more than one GPU
+            by the wait for the slowest rank (`straggler_factor` of `step_cv`).
         grad_bytes: bytes allreduced per step (parameters x element size; half with fp16 compression).
         samples_per_epoch: training samples in one epoch.
         batch_per_gpu: samples per GPU per micro-batch.
@@ -461,14 +508,14 @@ def predict_point(
 
     Returns:
         gpus, nodes, algorithm, allreduce_calls, global_batch, steps_per_epoch (fractional: the model ignores the
-        dropped last batch), compute_s (with contention), contention (the factor applied), allreduce_s,
+        dropped last batch), compute_s (with contention and stragglers), contention (the factor applied), allreduce_s,
         small_allreduce_s, exposed_comm_s (all communication on the step's critical path), step_s, epoch_s,
         samples_per_s.
     """
     prof = get_profile(profile)
     _check_point(compute_step_s, grad_bytes, samples_per_epoch, batch_per_gpu, p, accum)
-    contention = prof.compute_factor(p)
-    compute = compute_step_s * contention  # ranks that share a node slow each other down (CPU: the memory bus)
+    contention = prof.compute_factor(p, accum)
+    compute = compute_step_s * contention  # shared memory bus (CPU) and the wait for the slowest rank
     comm, algo, calls = allreduce_time(grad_bytes, p, prof, n_tensors)
     # Backward hooks start each fusion buffer's allreduce while earlier layers still compute their gradients.
     hideable = prof.backward_fraction * compute / accum
@@ -604,7 +651,8 @@ def assumption_lines(
         f"  Horovod: fusion buffer {p.fusion_mb:g} MiB, cycle {p.cycle_ms:g} ms; {p.overlap:.0%} of the allreduce "
         f"hidden behind backward (backward = {p.backward_fraction:.0%} of compute)",
         f"  compute speed {p.relative_throughput:g} x a P100; x{p.contention:.3g} compute time per rank when more"
-        " than one rank shares a node (contention)",
+        f" than one rank shares a node (contention); micro-batch time spread {p.step_cv:.3g} (cv), the slowest rank"
+        " sets each step",
     ]
     if p.notes:
         lines.append(f"  machine: {p.notes}")
@@ -630,7 +678,7 @@ def assumption_lines(
             f"epoch: {samples_per_epoch:g} samples, {batch_per_gpu} per GPU per micro-batch x accum {accum}; "
             "weak scaling (global batch grows with the GPUs, so steps per epoch shrink)"
         )
-    lines.append("not modelled: data loading, evaluation, stragglers, network contention from other jobs")
+    lines.append("not modelled: data loading, evaluation, network contention from other jobs")
     return lines
 
 
@@ -690,6 +738,7 @@ class Measurement:
     label: str = ""
     samples_per_step: float | None = None  # samples per rank per optimizer step (batch x accum); None: unknown
     small_allreduces: float = 0.0  # latency-bound collectives per step besides the gradients (flags, global Dice)
+    accum: int = 1  # micro-batches per rank per optimizer step (the ranks wait for each other once per step)
 
     @property
     def compute_step_s(self) -> float:
@@ -720,6 +769,7 @@ class Calibration:
     points: list[dict[str, Any]] = field(default_factory=list)
     fit_ranks: tuple[int, ...] | None = None  # world sizes fitted on; None: every run
     compute_per_sample_s: float | None = None  # the same per sample, when the runs' batches are known
+    compute_per_update_s: float = 0.0  # per optimizer step on top of the samples' (fitted when the runs' steps differ)
 
     def summaries(self) -> list[dict[str, Any]]:
         """The in-sample error, then one out-of-sample error per kind of held-out run (weak, strong scaling).
@@ -762,13 +812,18 @@ class Calibration:
     def lines(self) -> list[str]:
         """Human-readable summary: the fitted numbers, the error per measured point, then the error summaries."""
         p = self.profile
-        per_sample = f" ({self.compute_per_sample_s:.4g} s per sample)" if self.compute_per_sample_s else ""
+        per_sample = f" ({self.compute_per_sample_s:.4g} s per sample" if self.compute_per_sample_s else ""
+        if per_sample:
+            per_sample += f" + {self.compute_per_update_s:.4g} s per update)" if self.compute_per_update_s else ")"
         out = [
             f"calibration of {p.name} on {_rank_words(self.fit_ranks)} ({self.method}): latency "
             f"{p.intra_latency_us:.4g} us per ring step, bandwidth {p.intra_bw_gbs:.4g} GB/s; compute "
             f"{self.compute_step_s:.4g} s per step{per_sample}",
             f"  contention x{p.contention:.4g} on each rank's compute with more than one rank on the node, not fitted:"
             f" {p.sources.get('contention', 'NO SOURCE GIVEN')}",
+            f"  stragglers: micro-batch time spread (cv) {p.step_cv:.3g}, the slowest rank sets each step (x"
+            f"{straggler_factor(2, 1, p.step_cv):.3f} at 2 ranks, 1 micro-batch a step), not fitted:"
+            f" {p.sources.get('step_cv', 'NO SOURCE GIVEN')}",
         ]
         for pt in self.points:
             how = "fitted" if pt["in_sample"] else f"held out, {pt['scaling']} scaling"
@@ -829,24 +884,32 @@ def _fit_comm(prof: MachineProfile, multi: Sequence[Measurement]) -> tuple[Machi
     return prof, method
 
 
-def _compute_reference(prof: MachineProfile, fit: Sequence[Measurement]) -> tuple[float, float | None]:
-    """Compute per step and per sample of the fitted runs at their smallest world size (per sample: None if unknown).
+def _compute_reference(prof: MachineProfile, fit: Sequence[Measurement]) -> tuple[float, float | None, float]:
+    """(per step, per sample, per update) compute of the fitted runs at their smallest world size.
 
-    A multi-rank run's epoch less its gradient wait still holds its small collectives and its ranks' contention:
-    their modelled time is taken off and the rest divided by the contention factor, so that the compute is what
-    one GPU alone would spend.
+    Per sample is None when a batch is unknown. When the runs differ in samples per step (a weak run of one
+    micro-batch a step and a strong one of 32), step = per_sample * samples + per_update is fitted (per_update >= 0:
+    the optimizer's update, the loop's per-step work); otherwise per_update is 0 and per sample is the mean ratio.
+    A multi-rank run's epoch less its gradient wait still holds its small collectives and its ranks' contention and
+    straggler wait: their modelled time is taken off and the rest divided by that factor, so that the compute is
+    what one GPU alone would spend.
     """
     smallest = min(m.world_size for m in fit)
     ref = [m for m in fit if m.world_size == smallest]
     steps = [
         (m.compute_step_s - small_allreduce_time(prof, m.world_size, m.small_allreduces))
-        / prof.compute_factor(m.world_size)
+        / prof.compute_factor(m.world_size, m.accum)
         for m in ref
     ]
     compute = sum(steps) / len(steps)
     if not all(m.samples_per_step for m in ref):
-        return compute, None
-    return compute, sum(s / m.samples_per_step for s, m in zip(steps, ref)) / len(ref)
+        return compute, None, 0.0
+    samples = np.array([float(m.samples_per_step) for m in ref])
+    if len(set(samples)) > 1:
+        (per_sample, per_update), *_ = np.linalg.lstsq(np.c_[samples, np.ones_like(samples)], steps, rcond=None)
+        if per_update >= 0 and per_sample > 0:
+            return compute, float(per_sample), float(per_update)
+    return compute, sum(s / m.samples_per_step for s, m in zip(steps, ref)) / len(ref), 0.0
 
 
 def _scaling_kind(m: Measurement, fit: Sequence[Measurement], in_sample: bool) -> str:
@@ -861,7 +924,9 @@ def _scaling_kind(m: Measurement, fit: Sequence[Measurement], in_sample: bool) -
 
 def _point(prof: MachineProfile, m: Measurement, compute: float, in_sample: bool, scaling: str) -> dict[str, Any]:
     # Only the per-step numbers are used: the epoch has the measured run's own number of steps.
-    pred = predict_point(prof, compute, m.grad_bytes, m.steps_per_epoch, 1, m.world_size, 1, None, m.small_allreduces)
+    pred = predict_point(
+        prof, compute, m.grad_bytes, m.steps_per_epoch, 1, m.world_size, m.accum, None, m.small_allreduces
+    )
     pred_epoch = pred["step_s"] * m.steps_per_epoch
     return {
         "label": m.label,
@@ -887,9 +952,10 @@ def calibrate(
     (e.g. only 2 ranks) the prior latency and bandwidth are scaled together by one ratio; with no multi-rank run
     fitted (`fit_ranks=(1,)`) the profile's own (measured) numbers stay. Overlap is set to 0: the measured comm is
     already the exposed part. Compute per step (per sample when the batches are known, so that a strong-scaling
-    run's smaller per-rank batch is predicted too) is the mean over the fitted runs at their smallest world size.
-    The contention factor of ranks sharing a node is the profile's, measured by its own probe (jobs.bench_contention)
-    and never fitted here, so the held-out runs stay out of sample. Every run, fitted or not, then gets the
+    run's smaller per-rank batch is predicted too, plus a per-update term when the fitted runs' steps differ in
+    samples) comes from the fitted runs at their smallest world size. The contention factor of ranks sharing a node
+    and the straggler spread are the profile's, measured by their own probe (jobs.bench_contention) and never
+    fitted here, so the held-out runs stay out of sample. Every run, fitted or not, then gets the
     predicted epoch time and its error; `summaries` keeps the in-sample and the out-of-sample errors apart.
 
     Args:
@@ -918,12 +984,13 @@ def calibrate(
         found = sorted({m.world_size for m in measurements})
         raise ValueError(f"no real run at the fit ranks {list(ranks or [])} (runs at {found} ranks)")
     prof, method = _fit_comm(prof, [m for m in fit if m.world_size > 1])
-    compute, per_sample = _compute_reference(prof, fit)
+    compute, per_sample, per_update = _compute_reference(prof, fit)
     points = []
     for m, i in zip(measurements, inside):
-        c = per_sample * m.samples_per_step if per_sample is not None and m.samples_per_step else compute
+        known = per_sample is not None and m.samples_per_step
+        c = per_sample * m.samples_per_step + per_update if known else compute
         points.append(_point(prof, m, c, i, _scaling_kind(m, fit, i)))
-    return Calibration(prof, method, compute, points, ranks, per_sample)
+    return Calibration(prof, method, compute, points, ranks, per_sample, per_update)
 
 
 def parse_ranks(text: str) -> tuple[int, ...] | None:

@@ -251,5 +251,6 @@ def measurement(run: RunRecord, grad_bytes: float) -> Measurement:
         grad_bytes,
         run.name,
         samples_per_step=run.batch_size_per_gpu * run.accum or None,
+        accum=max(int(run.accum or 1), 1),
         small_allreduces=small_allreduces_per_step({**run.config, **run.summary}),
     )

@@ -26,8 +26,8 @@ TOY = pm.MachineProfile(
     cycle_ms=0.0,
     overlap=0.0,
 )
-# The CPU profile on a machine whose ranks do not slow each other (the calibration tests' synthetic runs).
-CPU_NO_CONTENTION = pm.derive(pm.PROFILES["cpu_this_machine"], "test: no contention", contention=1.0)
+# The CPU profile on a machine whose ranks neither slow nor wait for each other (the calibration tests' synthetic runs).
+CPU_NO_CONTENTION = pm.derive(pm.PROFILES["cpu_this_machine"], "test: no contention", contention=1.0, step_cv=0.0)
 
 
 def test_ring_allreduce_hand_computed():
@@ -456,14 +456,16 @@ def test_contention_is_in_the_out_of_sample_prediction_and_never_fitted():
 def test_contention_sources():
     cpu = pm.PROFILES["cpu_this_machine"]
     assert cpu.contention == pm.CPU_CONTENTION and cpu.contention > 1
-    assert cpu.sources["contention"].startswith("measured: `python -m jobs.bench_contention`")
+    assert cpu.sources["contention"].startswith("measured: `python -m jobs.bench_contention")
+    assert cpu.step_cv == pm.CPU_STEP_CV > 0 and "not the 2-rank runs it predicts" in cpu.sources["step_cv"]
     assert "not the 2-rank runs it predicts" in cpu.sources["contention"]
     for name in ("study_p100_edr", "modern_h100_ndr"):
         gpu = pm.PROFILES[name]
         assert gpu.contention == 1.0 and gpu.sources["contention"].startswith("assumption: 1, no contention")
     text = "\n".join(pm.assumption_lines(cpu))
     assert f"x{cpu.contention:.3g} compute time per rank when more than one rank shares a node" in text
-    assert f"contention = {cpu.contention:g}: measured: `python -m jobs.bench_contention`" in text
+    assert f"contention = {cpu.contention:g}: measured: `python -m jobs.bench_contention" in text
+    assert f"step_cv = {cpu.step_cv:g}: measured: `python -m jobs.bench_contention" in text
 
 
 def test_predict_cli_contention_override(capsys):
@@ -482,10 +484,72 @@ def test_contention_probe_pieces():
     assert bench_contention.contention_factor([1.0, 2.0, 3.0], [[2.4, 2.6], [2.0, 3.0]]) == pytest.approx(2.5 / 2.0)
     with pytest.raises(ValueError, match="at least one"):
         bench_contention.contention_factor([], [[1.0]])
+    # Coefficients of variation 0.1 (steps 0.9, 1.1), 0 and 0.5 (1, 3): the median process's.
+    assert bench_contention.spread([[0.9, 1.1], [2.0, 2.0], [1.0, 3.0]]) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="two step times"):
+        bench_contention.spread([[1.0]])
     import torch
 
     threads = torch.get_num_threads()
     try:
-        assert 0 < bench_contention.step_time(bench_contention.CONFIG, 1) < 10  # one step of the bench_scaling recipe
+        times = bench_contention.step_times(bench_contention.CONFIG, 2)  # two steps of the bench_scaling recipe
+        assert len(times) == 2 and all(0 < t < 10 for t in times)
     finally:
         torch.set_num_threads(threads)  # step_time sets the preset's threads for its (worker) process
+
+
+def test_expected_max_of_normals_and_the_straggler_wait():
+    assert pm.expected_max_normal(1) == pytest.approx(0.0, abs=1e-9)
+    assert pm.expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-6)
+    assert pm.expected_max_normal(4) == pytest.approx(1.029375, rel=1e-5)  # the tabulated value
+    assert pm.expected_max_normal(64) == pytest.approx(2.3433, abs=2e-3)  # 200 000 Monte Carlo draws: 2.3433
+    with pytest.raises(ValueError, match=">= 1"):
+        pm.expected_max_normal(0)
+    # cv 0.2: one micro-batch a step on 2 ranks waits 0.2 / sqrt(pi); 16 accumulated ones a quarter of that.
+    assert pm.straggler_factor(2, 1, 0.2) == pytest.approx(1 + 0.2 / math.sqrt(math.pi))
+    assert pm.straggler_factor(2, 16, 0.2) - 1 == pytest.approx((pm.straggler_factor(2, 1, 0.2) - 1) / 4)
+    assert pm.straggler_factor(1, 1, 0.2) == 1.0 and pm.straggler_factor(8, 1, 0.0) == 1.0
+    prof = replace(TOY, contention=1.25, step_cv=0.2)
+    assert prof.compute_factor(1) == 1.0 and prof.compute_factor(2, 4) == pytest.approx(
+        1.25 * (1 + 0.1 / math.sqrt(math.pi))
+    )
+    # In a prediction the wait multiplies the compute, less with accumulation; one GPU per node keeps the wait.
+    one, acc = pm.predict_point(prof, 0.2, 0.0, 100, 2, 2), pm.predict_point(prof, 0.2, 0.0, 100, 2, 2, accum=4)
+    assert one["compute_s"] == pytest.approx(0.2 * 1.25 * (1 + 0.2 / math.sqrt(math.pi)))
+    assert acc["compute_s"] == pytest.approx(0.2 * prof.compute_factor(2, 4))
+    assert replace(prof, gpus_per_node=1).compute_factor(2) == pytest.approx(1 + 0.2 / math.sqrt(math.pi))
+    with pytest.raises(ValueError, match="step_cv must be >= 0"):
+        replace(TOY, step_cv=-0.1)
+
+
+def test_per_update_compute_and_stragglers_predict_weak_and_strong_out_of_sample():
+    """Two 1-rank runs of 1 and 16 micro-batches a step separate per-sample and per-update compute; with the
+    profile's straggler spread the 2-rank weak (1 micro-batch) and strong (16) runs are predicted exactly."""
+    prof = pm.derive(CPU_NO_CONTENTION, "test", intra_latency_us=300.0, intra_bw_gbs=2.0, inter_latency_us=300.0)
+    prof = pm.derive(prof, "test: a probe", step_cv=0.15)
+    per_sample, per_update, grad, samples = 0.012, 0.003, 1e5, 960.0
+
+    def run(p: int, accum: int) -> pm.Measurement:
+        compute = (per_sample * 2 * accum + per_update) * pm.straggler_factor(p, accum, 0.15)
+        comm = pm.allreduce_time(grad, p, prof)[0] + (0.1e-3 if p > 1 else 0.0)
+        small = pm.small_allreduce_time(prof, p, 1.0)  # the loop's step flags: inside the compute it measures
+        steps = samples / (2 * accum * p)
+        epoch = steps * (compute + small + comm)
+        return pm.Measurement(p, steps, epoch, steps * comm, grad, f"np{p}-a{accum}", 2 * accum, 1.0, accum)
+
+    runs = [run(1, 32), run(1, 1), run(2, 16), run(2, 1)]
+    cal = pm.calibrate(prof, runs, fit_ranks=(1,))
+    assert cal.compute_per_sample_s == pytest.approx(per_sample) and cal.compute_per_update_s == pytest.approx(
+        per_update
+    )
+    assert all(pt["error_pct"] == pytest.approx(0.0, abs=1e-6) for pt in cal.points)
+    assert [pt["scaling"] for pt in cal.points] == ["fit", "fit", "strong", "weak"]
+    assert any("+ 0.003 s per update" in line for line in cal.lines())
+    assert any(line.startswith("  stragglers: micro-batch time spread (cv) 0.15") for line in cal.lines())
+    # Without the straggler term the same runs come out too fast, most where a step is one micro-batch.
+    flat = pm.calibrate(pm.derive(prof, "test", step_cv=0.0), runs, fit_ranks=(1,))
+    weak, strong = flat.points[3]["error_pct"], flat.points[2]["error_pct"]
+    assert weak < strong < 0 and weak < -5
+    # One 1-rank run cannot separate the two terms: per sample only.
+    single = pm.calibrate(prof, [runs[0], runs[2]], fit_ranks=(1,))
+    assert single.compute_per_update_s == 0.0 and single.points[0]["error_pct"] == pytest.approx(0.0, abs=1e-9)
