@@ -6,9 +6,10 @@
 The probe behind `contention` and `step_cv` in `scaling.perfmodel`'s CPU profile. It times the recipe's training
 step (its U-Net, Dice + BCE loss and AdamW on random patches of its patch size and per-GPU batch, the preset's
 threads per process, no communication) in one process alone, then in `--procs` independent processes started
-together, `--repeats` times alternately. The factor is the median step time of a process among `--procs` over the
-median alone: each rank's compute on a node with that many busy ranks is the 1-rank compute times the factor (on
-this 2-core host the processes share the memory bus and the L3 cache, so it can be above 1 even with a core each).
+together, `--repeats` times alternately. The factor is the median of the processes' mean step times among `--procs`
+over the median of the mean step times alone: each rank's compute on a node with that many busy ranks is the 1-rank
+compute times the factor (on this 2-core host the processes share the memory bus and the L3 cache, so it can be
+above 1 even with a core each).
 
 The spread (`step_cv`) is the coefficient of variation of one step's time in a process among others (the median
 over the processes): synchronous ranks wait for the slowest at every step, so a spread of cv makes a step of one
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.worker:
         print(json.dumps(step_times(a.config, a.steps, a.threads)), flush=True)
         return {}
-    if a.procs < 2 or a.repeats < 1 or a.steps < 1:
-        p.error("need --procs >= 2, --repeats >= 1 and --steps >= 1")
+    if a.procs < 2 or a.repeats < 1 or a.steps < 2:
+        p.error("need --procs >= 2, --repeats >= 1 and --steps >= 2 (the spread needs two step times)")
     t0 = time.time()
     alone, together, steps_together = [], [], []
     for _ in range(a.repeats):  # alternated, so a drift of the machine's speed hits both sides alike
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "together_step_s": together,
         "contention": factor,
         "step_cv": cv,
+        "step_cv_per_process": [statistics.pstdev(s) / statistics.fmean(s) for s in steps_together],
         "wall_s": time.time() - t0,
     }
     print(f"step of {_rel(a.config)}, {a.steps} steps per process, {a.repeats} rounds")

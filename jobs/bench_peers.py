@@ -4,11 +4,12 @@
     python -m jobs.bench_peers --models ours --minutes 1 --data data/phantoms_demo --cache-dir /tmp/c   # no MONAI
 
 Every model trains in this one process with the same `--threads`, on the same preprocessed cases (the preset's
-split, spacing, window), the same patches and augmentation (our `PatchDataset`, same seed), the same loss
-(Dice + BCE over the batch), the same optimizer (AdamW at the preset's LR, 2% warmup then a cosine over the time
+split, spacing, window), the same patches and augmentation (our `PatchDataset`, same seed), the same loss (the
+preset's Dice + BCE; our network's deep supervision when the preset has it, since it is part of our recipe and
+MONAI's networks have none), the same optimizer (AdamW at the preset's LR, 2% warmup then a cosine over the time
 budget, so each model ends its schedule at `--minutes`), and is validated at the same training times on the same
-cases by the same sliding window, on the same resampled grid. Only the network differs. Dice is reported raw and
-with the preset's post-processing. Validation time is not counted as training time.
+cases by the same sliding window, on the same resampled grid. Only the network (with its heads) differs. Dice is
+reported raw and with the preset's post-processing. Validation time is not counted as training time.
 
 MONAI is a benchmark-only extra: when it does not import, this job installs `monai` (pinned, no dependencies: it
 needs only torch and numpy) into the running interpreter first (`--no-install` stops instead).
@@ -57,8 +58,8 @@ def ensure_monai(install: bool) -> None:
 
 def build(name: str, cfg: UNetConfig) -> nn.Module:
     """The network called `name`; MONAI's as the issue's comparison set them up (channels 8-64, residual units)."""
-    if name == "ours":
-        return build_model({**model_kwargs(cfg), "deep_supervision": False})
+    if name == "ours":  # the preset's network, deep supervision included when it sets it (our recipe)
+        return build_model(model_kwargs(cfg))
     from monai.networks.nets import BasicUNet, UNet
 
     if name == "monai_unet":
@@ -100,7 +101,8 @@ def train_for(name: str, cfg: UNetConfig, train_cases, val_cases, seconds: float
     loader = data.train_loader(patch_dataset(cfg, train_cases), cfg.batch_size_per_gpu, cfg.seed)
     rows, spent, epoch, next_eval = [], 0.0, 0, seconds / n_evals
     params = sum(p.numel() for p in model.parameters())
-    print(f"{name}: {params / 1e6:.3f} M parameters, {seconds / 60:.1f} min of training", flush=True)
+    heads = " (deep supervision)" if getattr(model, "deep_supervision", False) else ""
+    print(f"{name}: {params / 1e6:.3f} M parameters{heads}, {seconds / 60:.1f} min of training", flush=True)
     model.train()
     while spent < seconds:
         data.set_epoch(loader, epoch)

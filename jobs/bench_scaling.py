@@ -437,8 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
         record(job(run))
     pool = ThreadPoolExecutor(max_workers=max(1, a.jobs))
     try:
-        # The 1-GPU replicates first (one micro-batch a step: the slowest), then the largest counts (N micro-batches
-        # a step), so that the pool fills in with the short runs at the end.
+        # The 1-GPU replicates first (the longest runs: 15360 updates in weak scaling), then the largest counts, so
+        # that the pool fills in with the short runs at the end.
         rest = sorted((r for r in runs if not r.timed), key=lambda r: (r.gpus > 1, -r.gpus, r.seed))
         for f in [pool.submit(job, r) for r in rest]:
             record(f.result())

@@ -14,7 +14,7 @@ with n the gradient bytes of one fusion buffer (Horovod tensor fusion packs the 
 Only `1 - overlap` of the allreduce adds to the step, and never less than what sticks out past the backward pass;
 the last gradients wait on average half a Horovod cycle before they are seen. Efficiency is
 `throughput_p / (p * throughput_1)` (the definition in the reference notes, horovod.md section 2), which here equals
-`step_1 / step_p`. Data loading, evaluation and stragglers are outside the model.
+`step_1 / step_p`. Data loading and evaluation are outside the model.
 
 Ranks that share a node may also slow each other's compute (on a CPU host they share the memory bus and the last
 level cache): with more than one rank on a node, the compute of one GPU alone is multiplied by the profile's
@@ -26,6 +26,8 @@ rank's compute. When one micro-batch's compute time varies with coefficient of v
 measures it), the k = accum micro-batches of a step sum to a time of relative spread cv / sqrt(k), and the slowest of
 p ranks takes on average 1 + cv * e_p / sqrt(k) times the mean, e_p the expected maximum of p standard normal draws
 (e_2 = 0.56, e_64 = 2.34): a step of one micro-batch pays the most, an accumulated one (strong scaling) little.
+The early ranks spend that wait in the allreduce (hvdtrain times it there), so the model adds it to the exposed
+communication, not to the compute.
 """
 
 from __future__ import annotations
@@ -129,11 +131,14 @@ class MachineProfile:
         """Network bandwidth out of one node (all its NICs)."""
         return self.nic_bw_gbs * min(self.nics_per_node, self.gpus_per_node)
 
-    def compute_factor(self, p: int, accum: int = 1) -> float:
-        """How much longer a step's compute lasts on `p` GPUs than on one GPU alone: `contention` with > 1 rank a
-        node, times the wait for the slowest of the `p` ranks over `accum` micro-batches (`straggler_factor`)."""
-        shared = self.contention if min(p, self.gpus_per_node) > 1 else 1.0
-        return shared * straggler_factor(p, accum, self.step_cv)
+    def compute_factor(self, p: int) -> float:
+        """How much longer each rank computes on `p` GPUs than one GPU alone: `contention` with > 1 rank a node."""
+        return self.contention if min(p, self.gpus_per_node) > 1 else 1.0
+
+    def straggler_wait(self, compute_s: float, p: int, accum: int = 1) -> float:
+        """Seconds a rank waits, on average, for the slowest of `p` ranks at the end of a step of `compute_s`
+        computed in `accum` micro-batches (in hvdtrain this wait is timed as part of the allreduce)."""
+        return compute_s * (straggler_factor(p, accum, self.step_cv) - 1.0)
 
 
 def expected_max_normal(p: int) -> float:
@@ -148,7 +153,11 @@ def expected_max_normal(p: int) -> float:
 
 def straggler_factor(p: int, accum: int, step_cv: float) -> float:
     """Mean time of the slowest of `p` ranks over the mean rank, for steps of `accum` micro-batches whose compute
-    times vary independently with coefficient of variation `step_cv`: 1 + cv * e_p / sqrt(accum) (normal limit)."""
+    times vary independently with coefficient of variation `step_cv`: 1 + cv * e_p / sqrt(accum) (normal limit).
+
+    `step_cv` belongs to one micro-batch of the size the probe timed (jobs.bench_contention: the recipe's per-GPU
+    batch); a micro-batch of a different size varies differently, which the model does not follow.
+    """
     if p <= 1 or step_cv <= 0:
         return 1.0
     return 1.0 + step_cv * expected_max_normal(p) / math.sqrt(max(accum, 1))
@@ -495,8 +504,8 @@ def predict_point(
     Args:
         profile: a profile name, file or object.
         compute_step_s: compute seconds of one optimizer step (all `accum` micro-batches) on one GPU alone; with
-            more than one rank on a node it is multiplied by the profile's `contention`, and on more than one GPU
-            by the wait for the slowest rank (`straggler_factor` of `step_cv`).
+            more than one rank on a node it is multiplied by the profile's `contention`; on more than one GPU the
+            step also waits for the slowest rank (`straggler_factor` of `step_cv`).
         grad_bytes: bytes allreduced per step (parameters x element size; half with fp16 compression).
         samples_per_epoch: training samples in one epoch.
         batch_per_gpu: samples per GPU per micro-batch.
@@ -508,21 +517,22 @@ def predict_point(
 
     Returns:
         gpus, nodes, algorithm, allreduce_calls, global_batch, steps_per_epoch (fractional: the model ignores the
-        dropped last batch), compute_s (with contention and stragglers), contention (the factor applied), allreduce_s,
-        small_allreduce_s, exposed_comm_s (all communication on the step's critical path), step_s, epoch_s,
-        samples_per_s.
+        dropped last batch), compute_s (with contention), contention (the factor applied), allreduce_s,
+        small_allreduce_s, straggler_wait_s (for the slowest rank), exposed_comm_s (all communication and waiting
+        on the step's critical path), step_s, epoch_s, samples_per_s.
     """
     prof = get_profile(profile)
     _check_point(compute_step_s, grad_bytes, samples_per_epoch, batch_per_gpu, p, accum)
-    contention = prof.compute_factor(p, accum)
-    compute = compute_step_s * contention  # shared memory bus (CPU) and the wait for the slowest rank
+    contention = prof.compute_factor(p)
+    compute = compute_step_s * contention  # ranks that share a node slow each other down (CPU: the memory bus)
+    wait = prof.straggler_wait(compute, p, accum)  # each step ends when the slowest rank has computed
     comm, algo, calls = allreduce_time(grad_bytes, p, prof, n_tensors)
     # Backward hooks start each fusion buffer's allreduce while earlier layers still compute their gradients.
     hideable = prof.backward_fraction * compute / accum
     hidden = min(prof.overlap * comm, hideable)
     tail = prof.cycle_ms * 1e-3 / 2 if p > 1 and calls else 0.0  # the last gradients wait ~half a cycle
     small = small_allreduce_time(prof, p, small_allreduces)
-    exposed = comm - hidden + tail + small
+    exposed = comm - hidden + tail + small + wait
     step = compute + exposed
     global_batch = batch_per_gpu * accum * p
     steps = samples_per_epoch / global_batch
@@ -537,6 +547,7 @@ def predict_point(
         "contention": contention,
         "allreduce_s": comm,
         "small_allreduce_s": small,
+        "straggler_wait_s": wait,
         "exposed_comm_s": exposed,
         "step_s": step,
         "epoch_s": steps * step,
@@ -605,6 +616,7 @@ def predict_strong_table(
     max_batch_per_gpu: int | None = None,
     measured_on: str | MachineProfile | None = None,
     small_allreduces: float = 0.0,
+    compute_per_update_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Strong scaling: time per epoch, speedup and efficiency with the global batch fixed at `global_batch`.
 
@@ -616,11 +628,13 @@ def predict_strong_table(
     """
     prof = get_profile(profile)
     per_sample = compute_on(prof, compute_per_sample_s, measured_on)
+    # The per-update work (optimizer step, the loop's per-step work) does not shrink with N.
+    per_update = compute_on(prof, compute_per_update_s, measured_on) if compute_per_update_s > 0 else 0.0
     rows = []
     for p in [1, *gpus]:
         per_gpu, micro, accum = strong_split(global_batch, int(p), max_batch_per_gpu)
         # The mean micro-batch (per_gpu / accum) keeps the global batch exact when the last one is smaller.
-        args = (per_sample * per_gpu, grad_bytes, samples_per_epoch, per_gpu / accum, int(p), accum)
+        args = (per_sample * per_gpu + per_update, grad_bytes, samples_per_epoch, per_gpu / accum, int(p), accum)
         row = predict_point(prof, *args, None, small_allreduces)
         row.update(global_batch=global_batch, batch_per_gpu=per_gpu, micro_batch=micro, accum=accum)
         rows.append(row)
@@ -682,8 +696,11 @@ def assumption_lines(
     return lines
 
 
-def strong_assumption_lines(global_batch: int, max_batch_per_gpu: int | None, compute_per_sample_s: float) -> list[str]:
+def strong_assumption_lines(
+    global_batch: int, max_batch_per_gpu: int | None, compute_per_sample_s: float, compute_per_update_s: float = 0.0
+) -> list[str]:
     """What the strong-scaling table assumes, for printing above it."""
+    update = f" + {compute_per_update_s:.4g} s per update (not shrinking with N)" if compute_per_update_s > 0 else ""
     cap = (
         f"micro-batches of at most {max_batch_per_gpu}, the rest by gradient accumulation"
         if max_batch_per_gpu
@@ -692,7 +709,8 @@ def strong_assumption_lines(global_batch: int, max_batch_per_gpu: int | None, co
     return [
         f"strong scaling: global batch {global_batch} at every GPU count; per GPU {global_batch} / N samples per step"
         f" in {cap}",
-        f"  compute {compute_per_sample_s:.4g} s per sample on the measuring GPU, linear in samples (a small per-GPU"
+        f"  compute {compute_per_sample_s:.4g} s per sample{update} on the measuring GPU, linear in samples (a small"
+        " per-GPU"
         " batch keeps a GPU less busy: optimistic at large N); the allreduce per step does not shrink with N",
         "  steps per epoch = samples / global batch at every N; speedup against the same global batch on 1 GPU",
     ]
@@ -865,7 +883,10 @@ def _fit_comm(prof: MachineProfile, multi: Sequence[Measurement]) -> tuple[Machi
         p = m.world_size
         calls = len(_buffers(m.grad_bytes, prof.fusion_mb, None)) or 1
         rows.append([calls * 2.0 * (p - 1), 2.0 * (p - 1) / p * m.grad_bytes])
-        y.append(m.comm_s / m.steps_per_epoch - prof.cycle_ms * 1e-3 / 2)
+        # The measured wait holds the wait for the slowest rank too: take the modelled one off (the run's own
+        # compute, less its small collectives at the prior latency).
+        wait = prof.straggler_wait(m.compute_step_s - small_allreduce_time(prof, p, m.small_allreduces), p, m.accum)
+        y.append(m.comm_s / m.steps_per_epoch - prof.cycle_ms * 1e-3 / 2 - wait)
     a, yv = np.asarray(rows), np.asarray(y)
     fit = _fit_nonneg(a, yv)
     if fit is not None:
@@ -890,15 +911,15 @@ def _compute_reference(prof: MachineProfile, fit: Sequence[Measurement]) -> tupl
     Per sample is None when a batch is unknown. When the runs differ in samples per step (a weak run of one
     micro-batch a step and a strong one of 32), step = per_sample * samples + per_update is fitted (per_update >= 0:
     the optimizer's update, the loop's per-step work); otherwise per_update is 0 and per sample is the mean ratio.
-    A multi-rank run's epoch less its gradient wait still holds its small collectives and its ranks' contention and
-    straggler wait: their modelled time is taken off and the rest divided by that factor, so that the compute is
-    what one GPU alone would spend.
+    A multi-rank run's epoch less its gradient wait (which holds the wait for the slowest rank) still holds its small
+    collectives and its ranks' contention: their modelled time is taken off and the rest divided by the contention
+    factor, so that the compute is what one GPU alone would spend.
     """
     smallest = min(m.world_size for m in fit)
     ref = [m for m in fit if m.world_size == smallest]
     steps = [
         (m.compute_step_s - small_allreduce_time(prof, m.world_size, m.small_allreduces))
-        / prof.compute_factor(m.world_size, m.accum)
+        / prof.compute_factor(m.world_size)
         for m in ref
     ]
     compute = sum(steps) / len(steps)
@@ -937,7 +958,9 @@ def _point(prof: MachineProfile, m: Measurement, compute: float, in_sample: bool
         "predicted_epoch_s": pred_epoch,
         "error_pct": 100.0 * (pred_epoch - m.epoch_time_s) / m.epoch_time_s,
         "measured_comm_step_s": m.comm_s / m.steps_per_epoch,
-        "predicted_comm_step_s": pred["allreduce_s"] + (prof.cycle_ms * 1e-3 / 2 if m.world_size > 1 else 0.0),
+        "predicted_comm_step_s": pred["allreduce_s"]
+        + pred["straggler_wait_s"]
+        + (prof.cycle_ms * 1e-3 / 2 if m.world_size > 1 else 0.0),
     }
 
 

@@ -299,9 +299,14 @@ def _predict(
     assumptions += [f"  source of {k}: {v}" for k, v in inputs.sources.items()] + lines
     if strong is not None:
         fits = [g for g in gpus if strong.global_batch % g == 0]  # a fixed global batch splits over these only
+        per_sample, per_update, split_by = strong.compute_per_sample_s, 0.0, ""
+        if cal is not None and cal.compute_per_update_s > 0 and cal.compute_per_sample_s:
+            # The calibration separated the per-update work from the per-sample work: it does not shrink with N.
+            per_sample, per_update = cal.compute_per_sample_s, cal.compute_per_update_s
+            split_by = "; per sample and per update as the model check fitted them"
         table += perfmodel.predict_strong_table(
             profile,
-            strong.compute_per_sample_s,
+            per_sample,
             inputs.grad_bytes,
             inputs.samples_per_epoch,
             strong.global_batch,
@@ -309,11 +314,12 @@ def _predict(
             strong.max_batch_per_gpu,
             measured_on,
             small_allreduces=inputs.small_allreduces,
+            compute_per_update_s=per_update,
         )
         assumptions += perfmodel.strong_assumption_lines(
-            strong.global_batch, strong.max_batch_per_gpu, strong.compute_per_sample_s
+            strong.global_batch, strong.max_batch_per_gpu, per_sample, per_update
         )
-        assumptions.append(f"  source of the strong-scaling inputs: {strong.source}")
+        assumptions.append(f"  source of the strong-scaling inputs: {strong.source}{split_by}")
         if len(fits) < len(gpus):
             skipped = ", ".join(str(g) for g in gpus if g not in fits)
             assumptions.append(f"  not predicted at {skipped} GPUs: the global batch does not split over them")

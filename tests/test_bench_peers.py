@@ -22,7 +22,7 @@ def test_ours_trains_for_its_budget_and_writes_the_table(tmp_path, capsys):
     rows = bench_peers.main(
         ["--config", str(preset), "--data", str(data), "--cache-dir", str(tmp_path / "c"), "--models", "ours",
          "--minutes", "0.05", "--evals", "2", "--threads", "1", "--out", str(out),
-         "--preset-flags", "--top-features 2 --residual"]
+         "--preset-flags", "--top-features 2 --residual --deep-supervision"]
     )  # fmt: skip
     assert [r["model"] for r in rows] == ["ours", "ours"]
     assert rows[0]["train_s"] < rows[1]["train_s"] and rows[1]["train_s"] >= 3.0
@@ -33,8 +33,10 @@ def test_ours_trains_for_its_budget_and_writes_the_table(tmp_path, capsys):
     assert (out / "peers.png").stat().st_size > 1000
     from segmentation.unet import UNet3D
 
-    variant = sum(p.numel() for p in UNet3D(features=4, depth=2, top_features=2, residual=True).parameters())
-    assert f"ours: {variant / 1e6:.3f} M parameters" in capsys.readouterr().out  # --preset-flags reached the model
+    net = UNet3D(features=4, depth=2, top_features=2, residual=True, deep_supervision=True)
+    variant = sum(p.numel() for p in net.parameters())
+    # --preset-flags reached the model, deep supervision (a list of outputs in training) included
+    assert f"ours: {variant / 1e6:.3f} M parameters (deep supervision)" in capsys.readouterr().out
 
 
 def test_lr_warms_up_then_decays_to_zero_over_the_budget():
