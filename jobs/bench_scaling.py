@@ -1,6 +1,6 @@
 """Dice against GPU count on real LIDC nodules, weak and strong scaling: simulated 1-64 GPUs, real ranks, the report.
 
-    python -m jobs.bench_scaling                       # the issue-12 bar, both modes, 20 runs (about 50 min, 2 cores)
+    python -m jobs.bench_scaling                       # the issue-12 bar, both modes, 20 runs (50-70 min, 2 cores)
     python -m jobs.bench_scaling --quick               # smoke run: 1, 2, 4 GPUs, 1 epoch, 40 crops (about 1 min)
     python -m jobs.bench_scaling --quick --data phantoms   # the same on small phantoms (what the tests run)
     python -m jobs.bench_scaling --modes strong --gpus 1,8,64 --out runs/bench_scaling-try
