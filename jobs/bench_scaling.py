@@ -264,13 +264,17 @@ def _mean_dice(rows: list[dict]) -> float:
     return float(np.mean([r["best_dice"] for r in rows]))
 
 
+def _one_gpu(rows: list[dict], scaling: str) -> list[dict]:
+    """The 1-GPU runs of `scaling`, every seed: the baseline."""
+    return [r for r in rows if r.get("scaling", "weak") == scaling and r["gpus"] == 1 and r["mode"] == "real"]
+
+
 def add_relative(rows: list[dict]) -> dict[str, float]:
     """Dice relative to the 1-GPU runs of the same mode (their mean over seeds), in place; returns those baselines."""
     bases = {}
     for scaling in dict.fromkeys(r.get("scaling", "weak") for r in rows):
-        mine = [r for r in rows if r.get("scaling", "weak") == scaling]
-        base = _mean_dice([r for r in mine if r["gpus"] == 1 and r["mode"] == "real"])
-        for r in mine:
+        base = _mean_dice(_one_gpu(rows, scaling))
+        for r in (r for r in rows if r.get("scaling", "weak") == scaling):
             r["dice_rel"] = r["best_dice"] / base if base else float("nan")
         bases[scaling] = base
     return bases
@@ -287,7 +291,7 @@ def verdict(rows: list[dict], scaling: str = "weak") -> tuple[bool, str]:
         return False, f"{scaling}: no simulated runs, the bar cannot be judged"
     most = max(r["gpus"] for r in sim)
     top = [r for r in sim if r["gpus"] == most]
-    base = [r for r in rows if r.get("scaling", "weak") == scaling and r["gpus"] == 1 and r["mode"] == "real"]
+    base = _one_gpu(rows, scaling)
     rel = float(np.mean([r["dice_rel"] for r in top]))
     met = rel >= BAR
     text = f"{scaling}: {'met' if met else 'NOT met'} ({rel:.1%} at {most} GPUs"

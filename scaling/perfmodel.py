@@ -32,6 +32,7 @@ communication, not to the compute.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -141,6 +142,7 @@ class MachineProfile:
         return compute_s * (straggler_factor(p, accum, self.step_cv) - 1.0)
 
 
+@functools.cache  # every prediction asks for the same few p: integrate each once
 def expected_max_normal(p: int) -> float:
     """E[max of `p` independent standard normal draws] (0 for 1, 1/sqrt(pi) for 2), by numerical integration."""
     if p < 1:
@@ -710,8 +712,7 @@ def strong_assumption_lines(
         f"strong scaling: global batch {global_batch} at every GPU count; per GPU {global_batch} / N samples per step"
         f" in {cap}",
         f"  compute {compute_per_sample_s:.4g} s per sample{update} on the measuring GPU, linear in samples (a small"
-        " per-GPU"
-        " batch keeps a GPU less busy: optimistic at large N); the allreduce per step does not shrink with N",
+        " per-GPU batch keeps a GPU less busy: optimistic at large N); the allreduce per step does not shrink with N",
         "  steps per epoch = samples / global batch at every N; speedup against the same global batch on 1 GPU",
     ]
 
